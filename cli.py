@@ -1,4 +1,299 @@
+"""The ``tdr`` command line: the only place that prints or draws progress.
+
+Library code reports through callbacks and returns values; here they become rich tables and bars.
+A user error (:class:`tdr.cache.errors.TdrError`) is one line on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
 import typer
-app = typer.Typer()
-def main():
-    app()
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .cache.errors import TdrError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+app = typer.Typer(
+    name="tdr",
+    help="Image restoration guided by degradation-free textual representations (CVPR 2024).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+cache_app = typer.Typer(help="Create, inspect, verify and move guidance caches (Zarr stores).", no_args_is_help=True)
+datasets_app = typer.Typer(help="List supported datasets and check a downloaded copy.", invoke_without_command=True)
+app.add_typer(cache_app, name="cache")
+app.add_typer(datasets_app, name="datasets")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn TdrError into one line on stderr + exit 1, Ctrl-C into a short note + exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TdrError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            raise typer.Exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted: what was written is valid; run the same command again to continue.")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+@contextmanager
+def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar on stderr; yields ``update(done, total)``."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=False, disable=not enabled) as bar:
+        task = bar.add_task(description, total=None, rate="")
+
+        def update(done: int, total: int, description: str | None = None) -> None:
+            speed = bar.tasks[0].speed
+            bar.update(task, completed=done, total=total, rate=f"{speed:.1f} it/s" if speed else "",
+                       **({"description": description} if description else {}))
+
+        yield update
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out.print(f"tdr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                      callback=version_callback, is_eager=True)) -> None:
+    """Image restoration guided by degradation-free textual representations (CVPR 2024).
+
+    Example: tdr demo --out demo-run
+    """
+
+
+# --------------------------------------------------------------------------------------------- datasets
+@datasets_app.callback()
+def datasets_list(ctx: typer.Context) -> None:
+    """List every supported dataset with its expected on-disk layout.
+
+    Example: tdr datasets
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .cache.datasets import list_datasets
+
+    table = Table(title="Datasets", show_lines=True)
+    for col in ("name", "task", "splits", "metric", "expected layout"):
+        table.add_column(col, overflow="fold")
+    for ds in list_datasets():
+        metric = ds.metric
+        metric_text = ("Y" if metric.get("y_channel") else "RGB") + f", SSIM {metric.get('ssim', 'basicsr')}"
+        table.add_row(ds.name, ds.title, ", ".join(ds.splits), metric_text, ds.layout.strip())
+    out.print(table)
+
+
+@datasets_app.command("check")
+@user_errors
+def datasets_check(name: str = typer.Argument(..., help="Dataset name (see 'tdr datasets')."),
+                   root: Path = typer.Option(..., "--root", help="The dataset folder as downloaded.")) -> None:
+    """Count the pairs of a downloaded dataset and list every pairing problem.
+
+    Example: tdr datasets check gopro --root ~/data/GOPRO_Large
+    """
+    from .cache.datasets import get_dataset
+
+    report = get_dataset(name).check(root)
+    table = Table(title=f"{name} at {root}")
+    for col in ("split", "pairs", "expected"):
+        table.add_column(col)
+    for split, count in report.counts.items():
+        expected = report.expected.get(split) if hasattr(report, "expected") else None
+        table.add_row(split, str(count), "" if expected is None else str(expected))
+    out.print(table)
+    for note in getattr(report, "notes", []):
+        out.print(f"note: {note}", highlight=False)
+    if report.problems:
+        for problem in report.problems:
+            err.print(f"problem: {problem}", highlight=False, markup=False)
+        err.print(f"{len(report.problems)} problem(s) found.")
+        raise typer.Exit(1)
+    out.print("No pairing problems.")
+
+
+# ------------------------------------------------------------------------------------------------ cache
+@cache_app.command("ingest")
+@user_errors
+def cache_ingest(dataset: str = typer.Option(..., "--dataset", help="Dataset name (see 'tdr datasets')."),
+                 store: str = typer.Option(..., "--store", help="Store location: a local path or an fsspec URL."),
+                 root: Optional[Path] = typer.Option(None, "--root", help="Dataset folder (not needed for demo)."),
+                 split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits (default: all found)."),
+                 workers: int = typer.Option(2, "--workers", min=1, help="Decoding threads.")) -> None:
+    """Copy a dataset's degraded and clean images into a guidance store.
+
+    Example: tdr cache ingest --dataset gopro --root ~/data/GOPRO_Large --store gopro.zarr
+    """
+    summary = _ingest(dataset, root, store, split, workers)
+    _print_ingest(summary)
+
+
+def _ingest(dataset: str, root: Optional[Path], store: str, split: Optional[str], workers: int = 2):
+    from .cache.ingest import ingest
+
+    with progress_bar("ingest") as update:
+        return ingest(dataset, str(root) if root else None, store, splits=_split_list(split), workers=workers,
+                      progress=lambda s, d, t: update(d, t, f"ingest {s}"))
+
+
+def _split_list(text: Optional[str]) -> Optional[list[str]]:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else None
+
+
+def _print_ingest(summary) -> None:
+    table = Table(title=f"{summary.dataset} → {summary.store}")
+    for col in ("split", "degraded", "clean", "status"):
+        table.add_column(col)
+    for s in summary.splits:
+        table.add_row(s.split, str(s.images), str(s.clean_images), s.status)
+    out.print(table)
+
+
+def _human(n: int) -> str:
+    if n < 0:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@cache_app.command("info")
+@user_errors
+def cache_info(store: str = typer.Argument(..., help="Store location."),
+               as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON.")) -> None:
+    """Per split: image counts, guidance done/missing, fingerprint, bytes on disk.
+
+    Example: tdr cache info gopro.zarr
+    """
+    from .cache import open_store
+    from .cache.report import info
+
+    facts = info(open_store(store))
+    if as_json:
+        out.print_json(json.dumps(facts))
+        return
+    out.print(f"store {facts['url']}  dataset {facts['dataset']}  {_human(facts['bytes'])} on disk", highlight=False)
+    table = Table(title="splits")
+    for col in ("split", "degraded", "clean", "dtype", "size"):
+        table.add_column(col)
+    for name, s in facts["splits"].items():
+        table.add_row(name, str(s["images"]), str(s["clean_images"]), s["dtype"], _human(s["bytes"]))
+    out.print(table)
+    if not facts["guidance"]:
+        out.print("guidance: none yet")
+    for gid, g in facts["guidance"].items():
+        default = " (default)" if gid == facts["default_guidance"] else ""
+        table = Table(title=f"guidance {gid}{default}, {g['size']}², {_human(g['bytes'])}")
+        for col in ("split", "done", "missing"):
+            table.add_column(col)
+        for name, s in g["splits"].items():
+            table.add_row(name, str(s["done"]), str(s["missing"]))
+        out.print(table)
+        out.print("fingerprint: " + ", ".join(f"{k}={v}" for k, v in sorted(g["fingerprint"].items())), highlight=False)
+
+
+@cache_app.command("verify")
+@user_errors
+def cache_verify(store: str = typer.Argument(..., help="Store location.")) -> None:
+    """Read every chunk and re-hash every image; list corrupt or missing ones (exit 1 if any).
+
+    Example: tdr cache verify gopro.zarr
+    """
+    from .cache import open_store
+    from .cache.report import verify
+
+    st = open_store(store)
+    with progress_bar("verify") as update:
+        report = verify(st, progress=update)
+    for p in report.problems:
+        out.print(str(p), highlight=False, markup=False)
+    if report.problems:
+        err.print(f"{len(report.problems)} problem(s) in {report.checked} images checked.")
+        raise typer.Exit(1)
+    out.print(f"ok: {report.checked} images checked, all chunks intact.")
+
+
+@cache_app.command("import-guidance")
+@user_errors
+def cache_import(store: str = typer.Argument(..., help="Store location."),
+                 split: str = typer.Option(..., "--split", help="Split the guidance belongs to."),
+                 source: Path = typer.Option(..., "--from", help="Folder of guidance images named <image id>.png/.jpg."),
+                 force: bool = typer.Option(False, "--force", help="Add a new guidance group if the store holds other guidance.")) -> None:
+    """Import guidance images made elsewhere (e.g. by the paper's scripts), resized to the store's size.
+
+    Example: tdr cache import-guidance gopro.zarr --split train --from results/gopro_train
+    """
+    from .cache import open_store
+    from .cache.transfer import import_guidance
+
+    with progress_bar("import") as update:
+        summary = import_guidance(open_store(store, "a"), split, source, force=force, progress=update)
+    out.print(f"imported {summary.written} guidance images into group {summary.group}")
+    if summary.missing:
+        out.print(f"{len(summary.missing)} image(s) had no file in {source}, first: {summary.missing[0]}", highlight=False)
+
+
+@cache_app.command("export")
+@user_errors
+def cache_export(store: str = typer.Argument(..., help="Store location."),
+                 to: Path = typer.Option(..., "--to", help="Output folder: <to>/<split>/<id>.png."),
+                 split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits (default: all)."),
+                 group: Optional[str] = typer.Option(None, "--group", help="Guidance group id (default: the store's).")) -> None:
+    """Write guidance images as PNG files named by image id.
+
+    Example: tdr cache export gopro.zarr --to guidance-png
+    """
+    from .cache import open_store
+    from .cache.transfer import export_guidance
+
+    with progress_bar("export") as update:
+        summary = export_guidance(open_store(store), to, splits=_split_list(split), gid=group, progress=update)
+    out.print(f"exported {summary.written} guidance images from group {summary.group} to {to}", highlight=False)
+    if summary.missing:
+        out.print(f"{len(summary.missing)} image(s) have no guidance yet, first: {summary.missing[0]}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------- demo
+@app.command("demo")
+@user_errors
+def demo(out_dir: Path = typer.Option(Path("tdr-demo"), "--out", help="Folder for the demo store and report.")) -> None:
+    """Run the whole flow on the built-in demo dataset with tiny models (no GPU, no weights).
+
+    Example: tdr demo --out demo-run
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = _ingest("demo", None, str(out_dir / "demo.zarr"), None)
+    _print_ingest(summary)
+
+
+def main() -> None:
+    app(prog_name="tdr")
+
+
+if __name__ == "__main__":
+    main()
