@@ -282,8 +282,9 @@ class GuidanceSet:
         self.size: int = int(group.attrs.get("size", GUIDANCE_SIZE))
 
     def array(self, split: str, *, create: bool = False) -> zarr.Array:
+        """The (N, S, S, 3) guidance array of ``split``; all-zero images are still written as chunks."""
         if split in self.group:
-            return self.group[split]
+            return self.group[split].with_config({"write_empty_chunks": True})
         if not create:
             raise StoreError(f"Guidance group {self.id} has nothing for split '{split}' yet.")
         n = len(self.store[split])
@@ -293,7 +294,7 @@ class GuidanceSet:
                 chunks=(1, self.size, self.size, 3), compressors=_COMPRESSORS, fill_value=0,
                 config={"write_empty_chunks": True}, dimension_names=("image", "y", "x", "c"))
         except zarr.errors.ContainsArrayError:  # a concurrent writer created it first
-            return self.group[split]
+            return self.group[split].with_config({"write_empty_chunks": True})
 
     def _chunk_keys(self, split: str) -> set[int]:
         """Rows whose chunk object exists (not yet checksum-verified)."""

@@ -1,0 +1,132 @@
+"""Degraded images -> guidance images (Lin et al., "Improving Image Restoration through Removing Degradations in
+Textual Representations", CVPR 2024).
+
+CLIP image encoder -> mapper (image to 20 words) -> cleaner (remove the degradation from the words) ->
+text encoder (words injected into "a photo of a S") -> DDIM + classifier-free guidance on Stable Diffusion
+2.1-base -> VAE decode -> uint8 RGB guidance.
+
+    models = load_components(sd_model, clip_model, mapper_ckpt=..., cleaner_ckpt=..., device="cuda")
+    guidance = GuidancePipeline(models)(images, ids, steps=200, scale=5.0, seed=0)   # (B, 512, 512, 3) uint8
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .attention import install_mapper_kv
+from .clip import LAYOUTS, encode_image, preprocess
+from .injection import encode_injected, encode_prompt
+from .models import GuidanceModels, file_sha256, fingerprint, load_components
+from .sampler import ddim_sample, decode_float, initial_noise, latent_scale, make_scheduler, to_uint8
+
+__all__ = ["GuidanceModels", "GuidancePipeline", "file_sha256", "fingerprint", "load_components"]
+
+
+class GuidancePipeline:
+    """Makes guidance images from degraded images with :class:`GuidanceModels`.
+
+    Args:
+        models: from :func:`load_components`.
+        attention: cross-attention backend, ``"auto"`` (xformers if it truly runs, else torch SDPA),
+            ``"sdpa"`` or ``"xformers"``; the one chosen is ``self.attention_backend``.
+        compile: ``torch.compile`` the UNet: ``False``, ``True`` (default mode) or a mode name
+            (``"reduce-overhead"`` adds CUDA graphs, ``"max-autotune"``).
+        batch_invariant: run images one at a time so every image's result is bit-identical whatever batch
+            it comes in. Default: on for CPU (oneDNN/BLAS kernels may reorder sums with the batch size),
+            off for CUDA (speed; results there agree to fp16 noise).
+        decode_chunk: images per VAE decode call (bounds memory at 512^2).
+    """
+
+    def __init__(
+        self,
+        models: GuidanceModels,
+        *,
+        attention: str = "auto",
+        compile: bool | str = False,
+        batch_invariant: bool | None = None,
+        decode_chunk: int = 8,
+    ):
+        self.models = models
+        self.attention_backend = install_mapper_kv(models.unet, models.mapper, attention)
+        self.compile_mode = ("default" if compile is True else compile) or None
+        self.unet = torch.compile(models.unet, mode=self.compile_mode) if self.compile_mode else models.unet
+        self._cudagraphs = self.compile_mode in ("reduce-overhead", "max-autotune")
+        self.batch_invariant = models.device.type == "cpu" if batch_invariant is None else batch_invariant
+        self.decode_chunk = decode_chunk
+        self._uncond: torch.Tensor | None = None
+
+    def _unet_call(self, *args, **kwargs):
+        if self._cudagraphs:  # outputs of a CUDA-graph replay are overwritten by the next replay
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.unet(*args, **kwargs)
+
+    def uncond_embeddings(self) -> torch.Tensor:
+        """(1, 77, D) text embeddings of the empty prompt (no injection), computed once."""
+        if self._uncond is None:
+            m = self.models
+            self._uncond = encode_prompt(m.text_encoder, m.tokenizer, [""])
+        return self._uncond
+
+    @torch.inference_mode()
+    def words(self, images: Sequence[np.ndarray], layout: str = "center") -> torch.Tensor:
+        """Images -> cleaned word embeddings (B, 20, D) (steps 1-3 of ``__call__``)."""
+        m = self.models
+        pixels = preprocess(images, size=m.clip_size, layout=layout, device=m.device, mean=m.clip_mean, std=m.clip_std)
+        tokens = encode_image(m.clip, pixels)  # (B, 1+P, d)
+        return m.cleaner(m.mapper(tokens))  # (B, N, D)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        ids: Sequence[str],
+        *,
+        steps: int = 200,
+        scale: float = 5.0,
+        seed: int = 0,
+        layout: str = "center",
+        size: int = 512,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Degraded images (list of (H,W,3) uint8, any sizes) + their ids -> guidance (B,size,size,3) uint8.
+
+        An image's guidance depends only on (models, image, id, steps, scale, seed, layout, size).
+        ``callback(step, steps)`` reports denoising progress.
+        """
+        if len(images) != len(ids):
+            raise ValueError(f"{len(images)} images but {len(ids)} ids")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        m = self.models
+        f = latent_scale(m.vae)
+        multiple = f * 2 ** (len(m.unet.config.block_out_channels) - 1)
+        if size % multiple:
+            raise ValueError(f"size must be a multiple of {multiple}, got {size}")
+        if self.batch_invariant and len(images) > 1:
+            kw = dict(steps=steps, scale=scale, seed=seed, layout=layout, size=size, callback=callback)
+            return np.concatenate([self([im], [i], **kw) for im, i in zip(images, ids, strict=True)])
+
+        # 1. encode images with CLIP: (B, 1+P, d) hidden states before post-layernorm
+        pixels = preprocess(images, size=m.clip_size, layout=layout, device=m.device, mean=m.clip_mean, std=m.clip_std)
+        tokens = encode_image(m.clip, pixels)
+        # 2. map to words: (B, N, D)
+        words = m.mapper(tokens)
+        # 3. clean the words
+        words = m.cleaner(words)
+        # 4. inject into the text encoder: "a photo of a S" with S -> the N words; (B, 77, D)
+        cond = encode_injected(m.text_encoder, m.tokenizer, words)
+        uncond = self.uncond_embeddings()
+        # 5. prepare latents: per-image noise from (seed, id), fp32 on the CPU, then to the device
+        shape = (m.unet.config.in_channels, size // f, size // f)
+        latents = initial_noise(list(ids), seed, shape).to(m.device)
+        # 6. denoising loop: DDIM (eta 0) + CFG in one UNet call per step
+        scheduler = make_scheduler(m.scheduler_config)
+        latents = ddim_sample(
+            self._unet_call, scheduler, latents, cond, uncond, steps=steps, scale=scale, callback=callback
+        )
+        # 7. decode: VAE -> (B, size, size, 3) uint8
+        images_out = decode_float(m.vae, latents, chunk=self.decode_chunk)
+        return to_uint8(images_out).cpu().numpy()

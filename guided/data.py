@@ -1,0 +1,162 @@
+"""(degraded, guidance, clean) training triples read from a guidance store.
+
+Each sample is a random ``patch``² crop of the degraded and clean images (reading only the tiles it
+covers) with a random flip/rotation, plus the whole guidance image of that degraded image, plus the
+crop's geometry (where the crop lies in the full image) so the aggregation can use the known layout of
+guidance. Sample ``k`` of a run is a pure function of (seed, k): crops do not depend on worker count,
+and a resumed run sees exactly the samples the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from ..cache import open_store
+from ..cache.errors import StoreError
+
+GUIDANCE_MODES = ("cache", "none", "degraded")
+
+
+def _to_tensor(img: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8/uint16 → (3, H, W) float32 in [0, 1]."""
+    scale = 65535.0 if img.dtype == np.uint16 else 255.0
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(scale)
+
+
+def layout_square(img: np.ndarray, size: int, layout: str) -> np.ndarray:
+    """What the generation half feeds Stable Diffusion: the centre square ("center") or the whole frame
+    ("full"), resized to ``size``² — used to make degraded-image guidance comparable to real guidance."""
+    h, w = img.shape[:2]
+    if layout == "center":
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        img = img[top:top + s, left:left + s]
+    if img.dtype == np.uint16:
+        img = (img.astype(np.float32) / 257.0).round().astype(np.uint8)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def augment_ops(rng: np.random.Generator) -> tuple[bool, int]:
+    """(horizontal flip, number of 90° rotations) — the 8 dihedral transforms, uniformly."""
+    return bool(rng.integers(2)), int(rng.integers(4))
+
+
+def _apply(t: torch.Tensor, flip: bool, rot: int) -> torch.Tensor:
+    if flip:
+        t = t.flip(-1)
+    return torch.rot90(t, rot, dims=(-2, -1)) if rot else t
+
+
+def transform_box(box: tuple[int, int, int, int], full: tuple[int, int], flip: bool, rot: int):
+    """Where crop ``box`` (top, left, h, w) of a ``full`` (H, W) image lies after the same flip/rotation
+    is applied to the whole image (as :func:`_apply` does): returns (box, full) in the new frame."""
+    top, left, bh, bw = box
+    fh, fw = full
+    if flip:
+        left = fw - left - bw
+    for _ in range(rot % 4):  # torch.rot90 k=1: (y, x) → (W-1-x, y)
+        top, left, bh, bw, fh, fw = fw - left - bw, top, bw, bh, fw, fh
+    return (top, left, bh, bw), (fh, fw)
+
+
+class TripleDataset(Dataset):
+    """Random crops of (degraded, clean) with the whole guidance, from split ``split`` of a store.
+
+    ``guidance``: "cache" (the store's guidance group ``group``), "none" (no guidance: the baseline),
+    "degraded" (the degraded image laid out as guidance would be: the paper's "Degr." ablation).
+    Items are indexed by a global sample number (see :class:`SampleSequence`); the store is opened
+    lazily in each DataLoader worker.
+    """
+
+    def __init__(self, url: str, split: str, *, patch: int, guidance: str = "cache", group: str | None = None,
+                 augment: bool = True, seed: int = 0, storage_options: Mapping[str, Any] | None = None):
+        if guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance must be one of {GUIDANCE_MODES}")
+        self.url, self.split, self.patch, self.guidance_mode = url, split, int(patch), guidance
+        self.group, self.augment, self.seed = group, augment, int(seed)
+        self.storage_options = dict(storage_options) if storage_options else None
+        store = open_store(url, storage_options=self.storage_options)
+        sp = store[split]
+        self.n = len(sp)
+        small = [sp.ids[i] for i in range(self.n) if min(sp.lq_size(i)) < self.patch]
+        if small:
+            raise StoreError(f"Image '{small[0]}' of split '{split}' is smaller than --patch {self.patch}; "
+                             "use a smaller patch.")
+        if guidance == "cache":
+            gs = store.guidance(group)
+            done = gs.done(split, check=False)
+            if not done.all():
+                missing = sp.ids[int(np.flatnonzero(~done)[0])]
+                raise StoreError(f"{int((~done).sum())} image(s) of split '{split}' have no guidance yet "
+                                 f"(first: '{missing}'); finish 'tdr generate-guidance' or use --guidance none.")
+            self.group = gs.id
+            self.guidance_size = gs.size
+            self.layout = gs.fingerprint.get("layout", "center")
+        else:
+            self.guidance_size = 512 if guidance == "degraded" else 0
+            self.layout = "center"
+        self._store = None
+
+    def _open(self):
+        if self._store is None:
+            store = open_store(self.url, storage_options=self.storage_options)
+            self._split = store[self.split]
+            self._guid = store.guidance(self.group).array(self.split) if self.guidance_mode == "cache" else None
+            self._store = store
+        return self._split
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"] = None
+        state.pop("_split", None)
+        state.pop("_guid", None)
+        return state
+
+    def __len__(self) -> int:
+        return self.n
+
+    def image_for(self, k: int) -> int:
+        """Image row of global sample ``k``: epochs of ``n`` samples, each a fresh permutation."""
+        epoch, pos = divmod(int(k), self.n)
+        return int(np.random.default_rng([self.seed, epoch, 0x7D2]).permutation(self.n)[pos])
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        sp = self._open()
+        i = self.image_for(k)
+        rng = np.random.default_rng([self.seed, int(k)])
+        h, w = sp.lq_size(i)
+        top = int(rng.integers(0, h - self.patch + 1))
+        left = int(rng.integers(0, w - self.patch + 1))
+        box = (top, left, self.patch, self.patch)
+        flip, rot = augment_ops(rng) if self.augment else (False, 0)
+        lq = _apply(_to_tensor(sp.read_lq(i, box)), flip, rot)
+        gt = _apply(_to_tensor(sp.read_gt(i, box)), flip, rot)
+        # the guidance turns with the crop, so the crop's place in the (turned) full frame stays known
+        tbox, tfull = transform_box(box, (h, w), flip, rot)
+        item = {"lq": lq, "gt": gt, "index": torch.tensor(i), "box": torch.tensor(tbox),
+                "full_size": torch.tensor(tfull)}
+        if self.guidance_mode == "cache":
+            item["guidance"] = _apply(_to_tensor(self._guid[i]), flip, rot)
+        elif self.guidance_mode == "degraded":
+            guide = layout_square(sp.read_lq(i), self.guidance_size, self.layout)
+            item["guidance"] = _apply(_to_tensor(guide), flip, rot)
+        return item
+
+
+class SampleSequence(Sampler[int]):
+    """Global sample numbers ``start, start+1, …, stop-1``: iteration ``t`` with batch ``B`` uses
+    samples ``t·B … t·B+B-1``, so resuming at iteration ``t`` is ``SampleSequence(t·B, iters·B)``."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = int(start), int(stop)
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start

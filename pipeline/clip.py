@@ -1,0 +1,76 @@
+"""CLIP image encoder input: the paper's preprocessing, done in torch on the device.
+
+Preprocessing (as CLIP's own image processor, here on tensors): centre-crop the short side to a square
+(layout ``"center"``, the paper's) or squash the whole frame to a square (layout ``"full"``), resize to the
+encoder's input size (224 for ViT-H/14; bicubic with antialias), clamp to [0, 1] (CLIP's processor rounds
+through uint8), normalise with CLIP's mean/std. The mapper reads the final layer's ``last_hidden_state``
+*before* post-layernorm: CLS + patch tokens, (B, 257, 1280) for ViT-H/14 at 224.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LAYOUTS = ("center", "full")
+
+
+def to_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """(H,W,3) uint8 array -> (1,3,H,W) float32 in [0,1] on ``device``; (3,H,W)/(1,3,H,W) floats pass."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
+        t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+        t = t.permute(2, 0, 1).unsqueeze(0)
+        return t.float() / 255.0 if image.dtype == np.uint8 else t.float()
+    t = image.to(device=device, dtype=torch.float32)
+    return t.unsqueeze(0) if t.ndim == 3 else t
+
+
+def square(x: torch.Tensor, layout: str = "center") -> torch.Tensor:
+    """(B,3,H,W) -> (B,3,S,S): the centre square of side min(H, W) (``center``) or the frame (``full``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "full":
+        return x
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return x[..., top : top + s, left : left + s]
+
+
+def preprocess(
+    images: Sequence[np.ndarray | torch.Tensor] | torch.Tensor,
+    *,
+    size: int = 224,
+    layout: str = "center",
+    device: torch.device | str = "cpu",
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> torch.Tensor:
+    """Images (a list of (H,W,3) uint8 of any sizes, or a (B,3,H,W) float [0,1] batch) -> (B,3,size,size).
+
+    Each image is cropped and resized on its own, so its pixels never depend on the batch it came in.
+    """
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        images = list(images.unbind(0))
+    out = []
+    for image in images:
+        x = square(to_tensor(image, device), layout)  # (1,3,S,S) or (1,3,H,W) for "full"
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out.append(x.clamp_(0.0, 1.0))
+    x = torch.cat(out)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def encode_image(vision_model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(B,3,224,224) normalised pixels -> (B, 1+P, d) final hidden states before post-layernorm."""
+    dtype = next(vision_model.parameters()).dtype
+    return vision_model(pixel_values=pixels.to(dtype)).last_hidden_state
