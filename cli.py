@@ -56,19 +56,25 @@ def user_errors(fn: Callable) -> Callable:
 
 
 @contextmanager
-def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr; yields ``update(done, total)``."""
+def progress_bar(description: str, *, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """A rich progress bar on stderr, drawn from its first update; yields ``update(done, total[, description])``."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=False, disable=not enabled) as bar:
-        task = bar.add_task(description, total=None, rate="")
+    bar = Progress(*columns, console=err, disable=not enabled)
+    task = bar.add_task(description, total=None, rate="")
 
-        def update(done: int, total: int, description: str | None = None) -> None:
-            speed = bar.tasks[0].speed
-            bar.update(task, completed=done, total=total, rate=f"{speed:.1f} it/s" if speed else "",
-                       **({"description": description} if description else {}))
+    def update(done: int, total: int, description: str | None = None) -> None:
+        if not bar.live.is_started:
+            bar.start()
+        speed = bar.tasks[0].speed
+        bar.update(task, completed=done, total=total, rate=f"{speed:.2f} it/s" if speed else "",
+                   **({"description": description} if description else {}))
 
+    try:
         yield update
+    finally:
+        if bar.live.is_started:
+            bar.stop()
 
 
 def version_callback(value: bool) -> None:
@@ -276,6 +282,97 @@ def cache_export(store: str = typer.Argument(..., help="Store location."),
     out.print(f"exported {summary.written} guidance images from group {summary.group} to {to}", highlight=False)
     if summary.missing:
         out.print(f"{len(summary.missing)} image(s) have no guidance yet, first: {summary.missing[0]}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------ generate-guidance
+def _quiet_model_libraries() -> None:
+    """diffusers/transformers log warnings meant for their developers; keep the terminal for ours."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+@app.command("generate-guidance")
+@user_errors
+def generate_guidance(
+    dataset: str = typer.Option(..., "--dataset", help="Dataset name (see 'tdr datasets')."),
+    store: str = typer.Option(..., "--store", help="Store location: a local path or an fsspec URL."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Dataset folder, to ingest it if the store lacks it."),
+    split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits (default: all)."),
+    steps: int = typer.Option(200, "--steps", min=1, help="DDIM steps (paper: 200)."),
+    scale: float = typer.Option(5.0, "--scale", help="Classifier-free guidance scale (paper: 5)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per batch."),
+    seed: int = typer.Option(0, "--seed", help="Run seed; each image's noise comes from (seed, image id)."),
+    layout: str = typer.Option("center", "--layout", help="center: the centre square (paper); full: whole frame."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Generate at most N images in this run."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet (pays off for large jobs on GPU)."),
+    sd_model: str = typer.Option("stabilityai/stable-diffusion-2-1-base", "--sd-model", help="Hub id or local folder (diffusers layout)."),
+    clip_model: str = typer.Option("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "--clip-model", help="Hub id or local folder."),
+    mapper: Optional[Path] = typer.Option(None, "--mapper", help="Mapper checkpoint from 'tdr train-mapper'."),
+    cleaner: Optional[Path] = typer.Option(None, "--cleaner", help="Cleaner checkpoint from 'tdr train-cleaner'."),
+    preset: str = typer.Option("full", "--preset", help="full: real models; tiny: tiny random models (tests, demo)."),
+    allow_untrained: bool = typer.Option(False, "--allow-untrained", help="Run real models with a random mapper/cleaner."),
+    size: int = typer.Option(512, "--size", min=64, help="Guidance side in pixels (SD-2.1-base: 512)."),
+    force: bool = typer.Option(False, "--force", help="Add a new guidance group if the store holds other guidance."),
+) -> None:
+    """Make guidance images for a dataset and write them into its store (resumable).
+
+    Example: tdr generate-guidance --dataset gopro --root ~/data/GOPRO_Large --store gopro.zarr --mapper m.pt --cleaner c.pt
+    """
+    if layout not in ("center", "full"):
+        raise typer.BadParameter("must be 'center' or 'full'", param_hint="--layout")
+    if dtype is not None and dtype not in DTYPES:
+        raise typer.BadParameter("must be fp16, bf16 or fp32", param_hint="--dtype")
+    if preset not in ("full", "tiny"):
+        raise typer.BadParameter("must be 'full' or 'tiny'", param_hint="--preset")
+    import torch
+
+    _quiet_model_libraries()
+    from .pipeline import GuidancePipeline, fingerprint, load_components
+    from .pipeline.generate import SamplingSettings, generate, open_for_generation
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise TdrError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+    models = load_components(sd_model, clip_model, mapper_ckpt=mapper, cleaner_ckpt=cleaner, device=dev,
+                             dtype=getattr(torch, DTYPES[dtype]) if dtype else None, preset=preset,
+                             allow_untrained=allow_untrained)
+    with progress_bar("ingest") as update:
+        st, splits = open_for_generation(store, dataset, str(root) if root else None, _split_list(split),
+                                         ingest_progress=lambda s, d, t: update(d, t, f"ingest {s}"))
+    pipe = GuidancePipeline(models, compile=compile)
+    settings = SamplingSettings(steps=steps, scale=scale, seed=seed, layout=layout, size=size)
+    with progress_bar("guidance") as update:
+        def report(event: dict) -> None:
+            if event["event"] == "plan":
+                update(0, event["todo"])
+            else:
+                update(event["done"], event["total"])
+
+        summary = generate(st, splits, pipe, settings, fingerprint(models), batch_size=batch_size, limit=limit,
+                           force=force, progress=report)
+    if not summary.done and not summary.failed:
+        out.print(f"Nothing to do: all {summary.skipped} images of {', '.join(splits)} already have guidance "
+                  f"(group {summary.group}).", highlight=False)
+        return
+    table = Table(title=f"guidance → {store} (group {summary.group}, attention {summary.attention})")
+    for col in ("done", "skipped", "failed", "time", "s/image"):
+        table.add_column(col)
+    table.add_row(str(summary.done), str(summary.skipped), str(len(summary.failed)), f"{summary.seconds:.1f} s",
+                  f"{summary.seconds_per_image:.3f}")
+    out.print(table)
+    if summary.failed:
+        for line in summary.failed[:10]:
+            err.print(f"failed: {line}", highlight=False, markup=False)
+        err.print(f"{len(summary.failed)} image(s) failed; run the same command again to retry them.")
+        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------------------------------------- demo

@@ -78,7 +78,7 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
     if array.dtype == np.uint8:
         Image.fromarray(array).save(path, format="PNG")
     elif array.ndim == 2:
-        Image.fromarray(array.astype("<u2"), mode="I;16").save(path, format="PNG")
+        Image.fromarray(array.astype("<u2")).save(path, format="PNG")
     else:
         path.write_bytes(_encode_png16(array))
 

@@ -140,6 +140,15 @@ def install_mapper_kv(unet: nn.Module, mapper: nn.Module, backend: str = "auto")
     return chosen
 
 
+def remove_mapper_kv(unet: nn.Module) -> None:
+    """Give every ``attn2`` back diffusers' standard SDPA processor (the UNet's own ``to_k`` / ``to_v``)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for name, module in unet.named_modules():
+        if isinstance(getattr(module, "processor", None), MapperKVProcessor):
+            module.set_processor(AttnProcessor2_0())
+
+
 def installed_processors(unet: nn.Module) -> list[MapperKVProcessor]:
     """The :class:`MapperKVProcessor` instances currently set on ``unet``."""
     return [m.processor for m in unet.modules() if isinstance(getattr(m, "processor", None), MapperKVProcessor)]

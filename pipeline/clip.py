@@ -2,8 +2,8 @@
 
 Preprocessing (as CLIP's own image processor, here on tensors): centre-crop the short side to a square
 (layout ``"center"``, the paper's) or squash the whole frame to a square (layout ``"full"``), resize to the
-encoder's input size (224 for ViT-H/14; bicubic with antialias), clamp to [0, 1] (CLIP's processor rounds
-through uint8), normalise with CLIP's mean/std. The mapper reads the final layer's ``last_hidden_state``
+encoder's input size (224 for ViT-H/14) as CLIP's processor does with PIL (antialiased bicubic, one pass per
+axis, each rounded to 8 bits), normalise with CLIP's mean/std. The mapper reads the final layer's ``last_hidden_state``
 *before* post-layernorm: CLS + patch tokens, (B, 257, 1280) for ViT-H/14 at 224.
 """
 
@@ -44,6 +44,21 @@ def square(x: torch.Tensor, layout: str = "center") -> torch.Tensor:
     return x[..., top : top + s, left : left + s]
 
 
+def _to_8bit(x: torch.Tensor) -> torch.Tensor:
+    return x.mul(255.0).round_().clamp_(0.0, 255.0).div_(255.0)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B,3,H,W) float [0,1] -> (B,3,size,size), as PIL's bicubic resize of CLIP's image processor.
+
+    Antialiased bicubic (PIL's kernel), horizontal pass then vertical pass, each rounded to 8 bits as PIL
+    does: within one grey level of PIL even on noise, where a single float pass differs by up to ~20.
+    """
+    x = F.interpolate(x, size=(x.shape[-2], size), mode="bicubic", antialias=True, align_corners=False)
+    x = F.interpolate(_to_8bit(x), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return _to_8bit(x)
+
+
 def preprocess(
     images: Sequence[np.ndarray | torch.Tensor] | torch.Tensor,
     *,
@@ -59,12 +74,7 @@ def preprocess(
     """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         images = list(images.unbind(0))
-    out = []
-    for image in images:
-        x = square(to_tensor(image, device), layout)  # (1,3,S,S) or (1,3,H,W) for "full"
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        out.append(x.clamp_(0.0, 1.0))
-    x = torch.cat(out)
+    x = torch.cat([resize(square(to_tensor(image, device), layout), size) for image in images])
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s

@@ -22,6 +22,7 @@ diffusers' fast tests do): same code paths, seconds on a CPU.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -380,6 +381,26 @@ def _check_ckpt(kind: str, path, flag: str, allow_untrained: bool, missing: list
 # load_components
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence diffusers/transformers load reports and progress bars (library code never prints)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    levels = dlog.get_verbosity(), tlog.get_verbosity()
+    bars = tlog.is_progress_bar_enabled()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(levels[0])
+        tlog.set_verbosity(levels[1])
+        if bars:
+            tlog.enable_progress_bar()
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """fp16 on CUDA, fp32 elsewhere (CPU fp16 convolutions are slow or missing)."""
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
@@ -466,14 +487,15 @@ def load_components(
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel
 
-        offline = {"local_files_only": True}
-        parts = {
-            "unet": UNet2DConditionModel.from_pretrained(sd_root, subfolder="unet", **offline),
-            "vae": AutoencoderKL.from_pretrained(sd_root, subfolder="vae", **offline),
-            "text_encoder": CLIPTextModel.from_pretrained(sd_root / "text_encoder", **offline),
-            "tokenizer": CLIPTokenizer.from_pretrained(sd_root / "tokenizer", model_max_length=77, **offline),
-            "clip": CLIPVisionModel.from_pretrained(clip_root, **offline),
-        }
+        offline = {"local_files_only": True, "dtype": dtype}
+        with _quiet():
+            parts = {
+                "unet": UNet2DConditionModel.from_pretrained(sd_root, subfolder="unet", **offline),
+                "vae": AutoencoderKL.from_pretrained(sd_root, subfolder="vae", **offline),
+                "text_encoder": CLIPTextModel.from_pretrained(sd_root / "text_encoder", **offline),
+                "tokenizer": CLIPTokenizer.from_pretrained(sd_root / "tokenizer", local_files_only=True),
+                "clip": CLIPVisionModel.from_pretrained(clip_root, **offline),
+            }
         scheduler_config = _scheduler_config(sd_root / "scheduler" / "scheduler_config.json")
         clip_mean, clip_std = CLIP_MEAN, CLIP_STD
         pre = clip_root / "preprocessor_config.json"
@@ -500,7 +522,10 @@ def load_components(
     _check_fit(parts["mapper"], parts["cleaner"], parts, sources)
 
     for k in ("unet", "vae", "text_encoder", "clip", "mapper", "cleaner"):
-        parts[k] = parts[k].to(device=device, dtype=dtype).eval().requires_grad_(False)
+        module = parts[k].to(device)
+        if next(module.parameters()).dtype != dtype:  # (diffusers warns on every dtype cast)
+            module = module.to(dtype)
+        parts[k] = module.eval().requires_grad_(False)
     return GuidanceModels(
         unet=parts["unet"],
         vae=parts["vae"],

@@ -33,6 +33,7 @@ class CheckReport:
     counts: dict[str, int]
     problems: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    expected: dict[str, int] = field(default_factory=dict)  # published pairs per split, where known
 
     @property
     def ok(self) -> bool:
@@ -87,7 +88,10 @@ class Dataset:
         try:
             root_path = self._root(root)
         except DatasetError as exc:
-            return CheckReport(self.name, None if root is None else str(root), {s: 0 for s in self.splits}, (str(exc),))
+            return CheckReport(
+                self.name, None if root is None else str(root), {s: 0 for s in self.splits}, (str(exc),),
+                expected=dict(self.expected_counts),
+            )
         for split in self.splits:
             try:
                 scan = self._scan(root_path, split)
@@ -109,7 +113,25 @@ class Dataset:
             problems[:0] = missing
         else:
             notes[:0] = missing
-        return CheckReport(self.name, None if root is None else str(root), counts, tuple(problems), tuple(notes))
+        return CheckReport(
+            self.name, None if root is None else str(root), counts, tuple(problems), tuple(notes),
+            expected=dict(self.expected_counts),
+        )
+
+    def available_splits(self, root: str | Path | None) -> list[str]:
+        """The splits present under ``root`` (a split whose folder or list file is absent is left out;
+        one present but faulty is kept, so that listing it reports the fault)."""
+        root_path = self._root(root)
+        found = []
+        for split in self.splits:
+            try:
+                self._scan(root_path, split)
+            except MissingSplit:
+                continue
+            except DatasetError:
+                pass
+            found.append(split)
+        return found
 
     def options(self) -> dict:
         """Options that change the pairs (e.g. noise σ); recorded beside whatever is made from them."""

@@ -21,9 +21,11 @@ class GoPro(Dataset):
         if (base / "input").is_dir() and (base / "target").is_dir():
             folder_pairs(self, base / "input", base / "target", root, scan)
             return scan
-        scenes = sorted((d for d in base.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name))
+        scenes = sorted(
+            (d for d in base.iterdir() if (d / "blur").is_dir() or (d / "sharp").is_dir()), key=lambda d: natural_key(d.name)
+        )
         if not scenes:
-            raise self._layout_error(base, "input/ and target/ folders nor GOPRxxxx_xx_xx/{blur,sharp}/ scene folders")
+            raise self._layout_error(base, "input/ and target/ folders, nor GOPRxxxx_xx_xx/{blur,sharp}/ scene folders")
         for scene in scenes:
             blur, sharp = scene / "blur", scene / "sharp"  # blur_gamma/ is ignored
             if not blur.is_dir() or not sharp.is_dir():

@@ -33,6 +33,15 @@ class Crop:
     size: tuple[int, int] | None = None
     like: Path | None = None
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) after cropping an image of ``height`` × ``width``."""
+        if self.kind in ("left_half", "right_half"):
+            return height, width // 2
+        target_h, target_w = self.size if self.size is not None else image_size(self.like)
+        if height < target_h or width < target_w:
+            return height, width
+        return target_h, target_w
+
     def apply(self, image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]
         half = width // 2
@@ -112,6 +121,18 @@ class ImageRef:
     noise: Noise | None = None
     synth: Synth | None = None
 
+    def size(self) -> tuple[int, int]:
+        """(H, W) of ``load()``'s result, from file headers (or the spec) without decoding pixels."""
+        if self.synth is not None:
+            height, width = self.synth.size
+        elif self.block is not None:
+            height, width = _mat_shape(self.path, self.block.name)[2:4]
+        else:
+            height, width = image_size(self.path)
+        if self.crop is not None:
+            height, width = self.crop.output_size(height, width)
+        return height, width
+
     def load(self) -> np.ndarray:
         """Decode: (H,W,3) uint8, or uint16 for 16-bit files (DPDD)."""
         if self.synth is not None:
@@ -170,6 +191,20 @@ def _mat_array(path: Path, name: str) -> np.ndarray:
     if array.ndim != 5 or array.shape[-1] != 3:
         raise ImageReadError(f"Array '{name}' in '{path}' has shape {array.shape}, not (rows, cols, H, W, 3).")
     return array
+
+
+@functools.lru_cache(maxsize=8)
+def _mat_shape(path: Path, name: str) -> tuple[int, ...]:
+    """Shape of array ``name`` in a .mat file, from its header (scipy.io.whosmat)."""
+    from scipy.io import whosmat
+
+    try:
+        shapes = {n: shape for n, shape, _ in whosmat(path)}
+    except (OSError, ValueError, NotImplementedError) as exc:
+        raise ImageReadError(f"MATLAB file '{path}' could not be read ({exc}); re-download it.") from exc
+    if name not in shapes:
+        raise ImageReadError(f"MATLAB file '{path}' has no array '{name}'; check that it is the right file.")
+    return tuple(shapes[name])
 
 
 def _mat_block(path: Path, block: MatBlock) -> np.ndarray:

@@ -1,0 +1,77 @@
+"""tdr run checkpoints: ``{"schema": 1, "config", "step", "model", "optimizer", "scheduler", "rng", "ema"}``.
+
+Everything in a checkpoint is a tensor or a plain Python value, so it loads with
+``torch.load(weights_only=True)`` (no pickled code runs). Writes are atomic (temporary file, then rename),
+so an interrupted save never leaves a truncated ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..cache.errors import ModelNotFoundError, TdrError
+from .aggregation import AggregationConfig
+
+SCHEMA = 1
+
+
+def build_model(backbone: str, *, guided: bool, fuse: str = "enc+dec", search: str = "prior",
+                layout: str = "center") -> torch.nn.Module:
+    """A backbone from the registry, guided (with dynamic aggregation) or plain."""
+    from .backbones import build_backbone
+
+    agg = AggregationConfig(search=search, layout=layout)
+    return build_backbone(backbone, guided=guided, fuse=fuse, aggregation=agg)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file safely (``weights_only=True``); a clear error if missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelNotFoundError(f"Checkpoint {path} does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickled code, truncated file, not a torch file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TdrError(f"Cannot read checkpoint {path} as plain tensors (weights_only): {first}.") from None
+
+
+def save(path: str | Path, payload: Mapping[str, Any]) -> None:
+    """Atomically write ``payload`` with ``torch.save``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(dict(payload), tmp)
+    os.replace(tmp, path)
+
+
+def is_run_checkpoint(ckpt: Mapping[str, Any]) -> bool:
+    return isinstance(ckpt, Mapping) and ckpt.get("schema") == SCHEMA and "config" in ckpt and "model" in ckpt
+
+
+# -- RNG state as plain values ------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """torch (CPU, every CUDA device) and Python ``random`` state, as tensors and plain values."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = [s for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def _plain(x):
+    return [_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuple(x):
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
