@@ -375,6 +375,130 @@ def generate_guidance(
         raise typer.Exit(1)
 
 
+# ------------------------------------------------------------------------------------------- train / eval
+def _train_layers(config_file: Optional[Path], resume: bool, out_dir: Optional[str], cli: dict) -> list[dict]:
+    """Config layers, lowest first: the run's saved config (--resume), the TOML file, the command line."""
+    from .guided.config import load_toml, section
+
+    layers: list[dict] = []
+    if resume and out_dir and (Path(out_dir) / "config.json").is_file():
+        layers.append(json.loads((Path(out_dir) / "config.json").read_text()))
+    if config_file is not None:
+        layers.append(section(load_toml(config_file), "train"))
+    layers.append(cli)
+    return layers
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone name, e.g. nafnet, nafnet-w32, restormer, nafnet-test."),
+    store: Optional[str] = typer.Option(None, "--store", help="Store with the training (and test) split."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (config.json, last.pt)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Check that the store holds this dataset."),
+    guidance: Optional[str] = typer.Option(None, "--guidance", help="cache (default), none (plain backbone) or degraded."),
+    group: Optional[str] = typer.Option(None, "--group", help="Guidance group id in the store (default: the store's default)."),
+    fuse: Optional[str] = typer.Option(None, "--fuse", help="Where guidance is fused: enc, dec or enc+dec (default)."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations (default 1000)."),
+    patch: Optional[int] = typer.Option(None, "--patch", help="Training crop side in pixels (default 128)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process (default 4)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Backbone learning rate (default: the paper's for the backbone)."),
+    agg_lr: Optional[float] = typer.Option(None, "--agg-lr", help="Aggregation learning rate (default: about half of --lr)."),
+    ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay of the weights, e.g. 0.999 (default: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the model init and the crop sequence."),
+    init: Optional[str] = typer.Option(None, "--init", help="Official or tdr checkpoint for the backbone (aggregation starts fresh)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where last.pt left it."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading worker processes (default 0)."),
+    val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate on the test split every N iterations (0: never)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings (flat or under [train])."),
+) -> None:
+    """Train a restorer (guided by the store's guidance, or plain) with L1, AdamW and a cosine schedule.
+
+    Example: tdr train --backbone nafnet-w32 --store gopro.zarr --iters 30000 --out runs/gopro-guided
+    """
+    from .guided.config import TrainConfig, merge
+
+    cli = dict(backbone=backbone, store=store, out=out_dir, dataset=dataset, guidance=guidance, group=group,
+               fuse=fuse, iters=iters, patch=patch, batch_size=batch_size, lr=lr, agg_lr=agg_lr, ema=ema,
+               seed=seed, init=init, resume=resume or None, workers=workers, val_every=val_every, device=device)
+    config = merge(TrainConfig, *_train_layers(config_file, resume, out_dir, cli), source="train config").require()
+    import torch
+
+    from .guided.backbones import BACKBONES
+    from .guided.train import train
+
+    if config.backbone not in BACKBONES:
+        raise TdrError(f"Unknown backbone '{config.backbone}'; choose one of: {', '.join(BACKBONES)}.")
+    if torch.cuda.is_available() is False:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    state = {"loss": None, "val": None}
+    with progress_bar("train") as update:
+        def report(event: dict) -> None:
+            if event["event"] == "start":
+                update(event["step"], event["iters"], f"train ({event['device']})")
+            elif event["event"] == "step":
+                state["loss"] = event["loss"] if state["loss"] is None else 0.9 * state["loss"] + 0.1 * event["loss"]
+                val = f"  val {state['val']:.2f} dB" if state["val"] is not None else ""
+                update(event["step"], event["iters"], f"train  loss {state['loss']:.4f}{val}")
+            elif event["event"] == "val":
+                state["val"] = event["psnr"]
+
+        result = train(config, progress=report)
+    table = Table(title=f"run {result.run_dir}")
+    for col in ("steps", "last loss", "val PSNR", "val SSIM", "time", "checkpoint"):
+        table.add_column(col)
+    last_val = result.val[-1] if result.val else {}
+    table.add_row(str(result.step), f"{result.losses[-1]:.4f}" if result.losses else "-",
+                  f"{last_val['psnr']:.2f}" if last_val else "-", f"{last_val['ssim']:.4f}" if last_val else "-",
+                  f"{result.seconds:.1f} s", str(result.checkpoint))
+    out.print(table)
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="A tdr run checkpoint (e.g. RUN_DIR/last.pt)."),
+    store: str = typer.Option(..., "--store", help="Store holding the split to score."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Check that the store holds this dataset."),
+    split: str = typer.Option("test", "--split", help="Split to score."),
+    group: Optional[str] = typer.Option(None, "--group", help="Guidance group (default: the run's, else the store's default)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write mean and per-image metrics as JSON here."),
+    grids: int = typer.Option(0, "--grids", min=0, help="Save degraded | guidance | restored | clean PNGs of the first N images."),
+    grid_dir: Optional[str] = typer.Option(None, "--out", help="Folder for the grids (default: beside the checkpoint)."),
+    tile: int = typer.Option(0, "--tile", min=0, help="Restore in tiles of this side (0: whole images)."),
+    overlap: int = typer.Option(32, "--overlap", min=0, help="Tile overlap in pixels."),
+    limit: int = typer.Option(0, "--limit", min=0, help="Score only the first N images (0: all)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
+) -> None:
+    """Restore every image of a split whole and score it by the dataset's metric convention.
+
+    Example: tdr eval --checkpoint runs/gopro-guided/last.pt --store gopro.zarr --json gopro.json --grids 4
+    """
+    from .guided.config import EvalConfig
+    from .guided.evaluate import evaluate
+
+    config = EvalConfig(checkpoint=checkpoint, store=store, dataset=dataset, split=split, group=group, tile=tile,
+                        overlap=overlap, grids=grids, out=grid_dir, json=str(json_path) if json_path else None,
+                        limit=limit, device=device)
+    with progress_bar(f"eval {split}") as update:
+        result = evaluate(config, progress=lambda e: update(e["done"], e["total"]))
+    conv = result.metric
+    table = Table(title=f"{result.checkpoint} on {split} ({'Y' if conv['y_channel'] else 'RGB'}, "
+                        f"crop {conv['crop_border']}, SSIM {conv['ssim']}, guidance {result.guidance})")
+    for col in ("images", "PSNR", "SSIM", "input PSNR", "time"):
+        table.add_column(col)
+    table.add_row(str(result.n), f"{result.psnr:.2f}", f"{result.ssim:.4f}", f"{result.input_psnr:.2f}",
+                  f"{result.seconds:.1f} s")
+    out.print(table)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result.to_dict(), indent=1))
+        out.print(f"metrics → {json_path}", highlight=False)
+    if result.grids:
+        out.print(f"{len(result.grids)} grid(s) → {Path(result.grids[0]).parent}", highlight=False)
+
+
 # ------------------------------------------------------------------------------------------------- demo
 @app.command("demo")
 @user_errors

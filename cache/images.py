@@ -19,7 +19,10 @@ from .errors import ImageReadError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError, struct.error, zlib.error)
+_READ_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError, Image.DecompressionBombError,
+    struct.error, zlib.error,
+)
 
 
 def read_image(path: str | Path) -> np.ndarray:

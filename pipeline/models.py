@@ -521,25 +521,49 @@ def load_components(
         sources[kind] = str(path) if path is not None else None
     _check_fit(parts["mapper"], parts["cleaner"], parts, sources)
 
+    return models_from_parts(
+        parts,
+        device=device,
+        dtype=dtype,
+        scheduler_config=scheduler_config,
+        clip_mean=clip_mean,
+        clip_std=clip_std,
+        sources=sources,
+    )
+
+
+def models_from_parts(
+    parts: dict,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    scheduler_config: dict | None = None,
+    clip_mean: tuple = CLIP_MEAN,
+    clip_std: tuple = CLIP_STD,
+    sources: dict | None = None,
+) -> GuidanceModels:
+    """Bundle modules (as from :func:`random_components`) on ``device`` in ``dtype``, frozen, eval mode."""
+    device = torch.device(device)
+    moved = dict(parts)
     for k in ("unet", "vae", "text_encoder", "clip", "mapper", "cleaner"):
         module = parts[k].to(device)
         if next(module.parameters()).dtype != dtype:  # (diffusers warns on every dtype cast)
             module = module.to(dtype)
-        parts[k] = module.eval().requires_grad_(False)
+        moved[k] = module.eval().requires_grad_(False)
     return GuidanceModels(
-        unet=parts["unet"],
-        vae=parts["vae"],
-        text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"],
-        scheduler_config=scheduler_config,
-        clip=parts["clip"],
-        mapper=parts["mapper"],
-        cleaner=parts["cleaner"],
+        unet=moved["unet"],
+        vae=moved["vae"],
+        text_encoder=moved["text_encoder"],
+        tokenizer=moved["tokenizer"],
+        scheduler_config=dict(scheduler_config or PAPER_SCHEDULER_CONFIG),
+        clip=moved["clip"],
+        mapper=moved["mapper"],
+        cleaner=moved["cleaner"],
         device=device,
         dtype=dtype,
         clip_mean=tuple(clip_mean),
         clip_std=tuple(clip_std),
-        sources=sources,
+        sources=dict(sources or {"preset": "random"}),
     )
 
 

@@ -75,7 +75,8 @@ class Dataset:
         scan = self._scan(root_path, split)
         if scan.problems:
             more = len(scan.problems) - 1
-            suffix = f" ({more} more problem{'s' if more > 1 else ''}: check() lists all)" if more else ""
+            listing = f"`tdr datasets check {self.name} --root {root}` lists them all"
+            suffix = f" (and {more} more: {listing})" if more else ""
             raise DatasetError(scan.problems[0].rstrip(".") + suffix + ".")
         return scan.pairs
 
@@ -156,14 +157,15 @@ class Dataset:
             if self.needs_root:
                 raise DatasetError(f"Dataset '{self.name}' needs --root: the folder that holds {self.title}.")
             return Path(".")
-        path = Path(root).expanduser()
+        path = Path(root).expanduser().absolute()
         if not path.is_dir():
             raise DatasetError(f"Dataset folder '{path}' does not exist; pass the folder that holds {self.title}.")
         return path
 
     def _check_split(self, split: str) -> None:
         if split not in self.splits:
-            raise DatasetError(f"Dataset '{self.name}' has no split '{split}'; choose one of: {', '.join(self.splits)}.")
+            choices = ", ".join(self.splits)
+            raise DatasetError(f"Dataset '{self.name}' has no split '{split}'; choose one of: {choices}.")
 
     def _layout_error(self, path: Path, expected: str) -> DatasetError:
         """The error for a folder that exists but matches none of the accepted layouts."""
@@ -234,12 +236,15 @@ def match(
         if key in gt:
             matched.append((key, path, gt[key]))
         else:
-            scan.problems.append(f"'{path}' has no matching clean image in '{gt_dir}'; add it or remove this file.")
+            scan.problems.append(
+                f"'{path}' has no matching clean image in '{gt_dir}'; add its clean image or remove this file."
+            )
     used = {g for _, _, g in matched}
     unused = [path for path in gt.values() if path not in used]
     if unused and unused_gt == "problem":
         scan.problems.extend(
-            f"'{path}' has no matching degraded image in '{lq_dir}'; add it or remove this file." for path in unused
+            f"'{path}' has no matching degraded image in '{lq_dir}'; add its degraded image or remove this file."
+            for path in unused
         )
     elif unused and unused_gt == "note":
         scan.notes.append(f"{len(unused)} clean image(s) in '{gt_dir}' are not used, e.g. '{unused[0].name}'.")

@@ -21,9 +21,8 @@ class GoPro(Dataset):
         if (base / "input").is_dir() and (base / "target").is_dir():
             folder_pairs(self, base / "input", base / "target", root, scan)
             return scan
-        scenes = sorted(
-            (d for d in base.iterdir() if (d / "blur").is_dir() or (d / "sharp").is_dir()), key=lambda d: natural_key(d.name)
-        )
+        scenes = [d for d in base.iterdir() if (d / "blur").is_dir() or (d / "sharp").is_dir()]
+        scenes.sort(key=lambda d: natural_key(d.name))
         if not scenes:
             raise self._layout_error(base, "input/ and target/ folders, nor GOPRxxxx_xx_xx/{blur,sharp}/ scene folders")
         for scene in scenes:
@@ -88,12 +87,16 @@ class RealBlur(Dataset):
             if not fields:
                 continue
             if len(fields) < 2:
-                scan.problems.append(f"Line {number} of '{list_file}' is not '<gt path> <blur path>'; fix or delete it.")
+                scan.problems.append(
+                    f"Line {number} of '{list_file}' is not '<gt path> <blur path>'; fix or delete it."
+                )
                 continue
             gt_path, lq_path = root / fields[0], root / fields[1]
             absent = [p for p in (lq_path, gt_path) if not p.is_file()]
             if absent:
-                scan.problems.append(f"'{absent[0]}' (line {number} of '{list_file.name}') does not exist; re-download it.")
+                scan.problems.append(
+                    f"'{absent[0]}' (line {number} of '{list_file.name}') does not exist; re-download it."
+                )
                 continue
             parts = Path(fields[1]).with_suffix("").parts  # id: the blur path without its top folder
             pair_id = "/".join(parts[1:]) or parts[-1]

@@ -44,7 +44,8 @@ class Reside(Dataset):
             clear_path = clear.get(scene)
             if clear_path is None:
                 scan.problems.append(
-                    f"'{hazy_path}' has no clear image '{scene}.*' in '{clear_dir}'; add it or remove this file."
+                    f"'{hazy_path}' has no clear image '{scene}.*' in '{clear_dir}'; "
+                    "add that image or remove this file."
                 )
                 continue
             first_hazy.setdefault(clear_path, hazy_path)
@@ -52,7 +53,9 @@ class Reside(Dataset):
             scan.pairs.append(self._pair(key, file_ref(hazy_path, root), file_ref(clear_path, root, crop=crop)))
         unused = [path for path in clear.values() if path not in first_hazy]
         if unused:
-            scan.notes.append(f"{len(unused)} clear image(s) in '{clear_dir}' have no hazy image, e.g. '{unused[0].name}'.")
+            scan.notes.append(
+                f"{len(unused)} clear image(s) in '{clear_dir}' have no hazy image, e.g. '{unused[0].name}'."
+            )
         return scan
 
 

@@ -38,17 +38,19 @@ class Sidd(Dataset):
             for name, noisy in files.items():
                 if "NOISY" not in name:
                     continue
-                clean = files.get(name.replace("NOISY", "GT"))
+                clean_name = name.replace("NOISY", "GT")
+                clean = files.get(clean_name)
                 if clean is None:
                     scan.problems.append(
-                        f"'{noisy}' has no clean image '{name.replace('NOISY', 'GT')}' beside it; add it or remove this file."
+                        f"'{noisy}' has no clean image '{clean_name}' beside it; add that image or remove this file."
                     )
                     continue
                 paired.update((name, clean.name))
-                scan.pairs.append(self._pair(f"{scene.name}/{noisy.stem}", file_ref(noisy, root), file_ref(clean, root)))
+                pair_id = f"{scene.name}/{noisy.stem}"
+                scan.pairs.append(self._pair(pair_id, file_ref(noisy, root), file_ref(clean, root)))
             for name, path in files.items():
                 if "GT" in name and name not in paired:
-                    scan.problems.append(f"'{path}' has no noisy image beside it; add it or remove this file.")
+                    scan.problems.append(f"'{path}' has no noisy image beside it; add that image or remove this file.")
         return scan
 
     def _scan_blocks(self, root: Path) -> Scan:
@@ -65,13 +67,17 @@ class Sidd(Dataset):
             try:
                 shapes[role] = dict((n, s) for n, s, _ in whosmat(path)).get(SIDD_MAT[role])
             except (OSError, ValueError, NotImplementedError) as exc:
-                raise DatasetError(f"SIDD file '{path}' is not a readable MATLAB v5 file ({exc}); re-download it.") from exc
+                raise DatasetError(
+                    f"SIDD file '{path}' is not a readable MATLAB v5 file ({exc}); re-download it."
+                ) from exc
             if shapes[role] is None or len(shapes[role]) != 5:
                 raise DatasetError(
                     f"SIDD file '{path}' has no 5-D array '{SIDD_MAT[role]}'; check that it is the validation file."
                 )
         if shapes["lq"] != shapes["gt"]:
-            raise DatasetError(f"SIDD files '{paths['lq']}' and '{paths['gt']}' hold different block grids; re-download them.")
+            raise DatasetError(
+                f"SIDD files '{paths['lq']}' and '{paths['gt']}' hold different block grids; re-download them."
+            )
         rows, cols = shapes["lq"][:2]
         scan = Scan()
         for row in range(rows):

@@ -120,7 +120,8 @@ class Ddn(Dataset):
             if not folder.is_dir():
                 raise self._missing(folder, "folder")
         scan = Scan()
-        clean = {k: p for k, p in by_stem(list_images(clean_dir), clean_dir, scan.problems).items() if _index(k, in_split)}
+        all_clean = by_stem(list_images(clean_dir), clean_dir, scan.problems)
+        clean = {k: p for k, p in all_clean.items() if k.isdigit() and in_split(int(k))}
         used: set[Path] = set()
         for key, path in by_stem(list_images(rainy_dir), rainy_dir, scan.problems).items():
             scene = key.split("_")[0]
@@ -130,18 +131,18 @@ class Ddn(Dataset):
             if not in_split(int(scene)):
                 continue
             if scene not in clean:
-                scan.problems.append(f"'{path}' has no clean image '{scene}.*' in '{clean_dir}'; add it or remove this file.")
+                scan.problems.append(
+                    f"'{path}' has no clean image '{scene}.*' in '{clean_dir}'; add that image or remove this file."
+                )
                 continue
             used.add(clean[scene])
             scan.pairs.append(self._pair(key, file_ref(path, root), file_ref(clean[scene], root)))
         unused = [p for p in clean.values() if p not in used]
         if unused:
-            scan.notes.append(f"{len(unused)} clean image(s) in '{clean_dir}' have no rainy image, e.g. '{unused[0].name}'.")
+            scan.notes.append(
+                f"{len(unused)} clean image(s) in '{clean_dir}' have no rainy image, e.g. '{unused[0].name}'."
+            )
         return scan
-
-
-def _index(stem: str, in_split) -> bool:
-    return stem.isdigit() and in_split(int(stem))
 
 
 _FLAT_LAYOUT = """\

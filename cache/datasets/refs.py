@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -176,8 +177,16 @@ def mat_ref(path: Path, root: Path, name: str, index: tuple[int, int]) -> ImageR
     return ImageRef(key=key, path=path, block=MatBlock(name, index))
 
 
-@functools.lru_cache(maxsize=2)
+_MAT_LOCK = threading.Lock()  # loaders run in threads: load each .mat once, not once per thread
+
+
 def _mat_array(path: Path, name: str) -> np.ndarray:
+    with _MAT_LOCK:
+        return _load_mat_array(path, name)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_mat_array(path: Path, name: str) -> np.ndarray:
     """The whole array ``name`` of a .mat file, loaded once per process (SIDD's are ≈ 250 MB each)."""
     from scipy.io import loadmat
 

@@ -1,0 +1,294 @@
+"""Training a (guided) restorer: ``train(config, progress) -> TrainResult``.
+
+L1 loss, AdamW with a separate (lower) learning rate for the aggregation, cosine annealing, gradient
+clipping, bf16 autocast on GPU, optional EMA of the weights, validation on the held-out split, and
+checkpoints that resume *exactly*: sample ``k`` of the run is a pure function of (seed, k)
+(``TripleDataset``), iteration ``t`` of rank ``r`` reads samples ``(t·world + r)·B … +B-1``, and the
+model, optimiser, scheduler, EMA and RNG states are all restored — so a resumed run computes the same
+losses as an uninterrupted one. Multi-GPU: start with ``torchrun``; the global sample sequence is split
+by rank, gradients are averaged by DDP, and only rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+from ..cache import open_store
+from ..cache.errors import StoreError, TdrError
+from . import checkpoint as ckpt_io
+from .aggregation import guidance_box
+from .backbones.common import load_backbone_checkpoint
+from .config import TrainConfig
+from .data import TripleDataset
+from .evaluate import GuidanceSource, metric_convention, restore, to_tensor
+from .metrics import MetricAverager
+
+Progress = Callable[[dict], None]
+
+# fields that may differ between a run and its resumption (they do not change the computed losses)
+RESUME_FREE = frozenset({"store", "out", "resume", "workers", "val_every", "val_images", "val_crop",
+                         "save_every", "device", "init", "dataset"})
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint: Path
+    start_step: int  # 0, or the step resumed from
+    step: int  # steps done in total
+    losses: list[float] = field(default_factory=list)  # loss of each step of this call (rank 0's batch)
+    val: list[dict] = field(default_factory=list)  # {"step", "psnr", "ssim", "n"}
+    seconds: float = 0.0
+
+
+class RankSamples(Sampler[int]):
+    """Global sample numbers of one rank: iteration t uses ``(t·world + rank)·B + j``, j < B."""
+
+    def __init__(self, start_step: int, stop_step: int, batch: int, rank: int = 0, world: int = 1):
+        self.start, self.stop, self.batch, self.rank, self.world = start_step, stop_step, batch, rank, world
+
+    def __iter__(self):
+        for t in range(self.start, self.stop):
+            base = (t * self.world + self.rank) * self.batch
+            yield from range(base, base + self.batch)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.batch
+
+
+def crop_boxes(layout: str, batch: dict, device) -> torch.Tensor:
+    """(B,4) guidance boxes of a batch of training crops (their places in the turned full frames)."""
+    boxes = [guidance_box(layout, tuple(int(v) for v in fs), crop_yx=(int(b[0]), int(b[1])))
+             for fs, b in zip(batch["full_size"], batch["box"])]
+    return torch.cat(boxes).to(device)
+
+
+class EMA:
+    """Exponential moving average of every floating tensor of a state dict (integer buffers copied)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+                      for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].mul_(self.decay).add_(v.detach().float(), alpha=1.0 - self.decay)
+            else:
+                self.state[k].copy_(v)
+
+
+def _distributed() -> tuple[int, int, int, bool]:
+    """(rank, world, local_rank, created): joins the torchrun process group when launched by torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0, False
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        created = True
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), created
+
+
+def _check_resume(saved: dict, config: TrainConfig) -> None:
+    now = config.to_dict()
+    diff = [k for k in now if k not in RESUME_FREE and k in saved and saved[k] != now[k]]
+    if diff:
+        k = diff[0]
+        raise TdrError(f"--resume: '{k}' is {now[k]!r} but the run was started with {saved[k]!r}; "
+                       "resume with the same settings or start a new --out.")
+
+
+def _validation_set(store, config: TrainConfig, layout_mode: str, group: str | None):
+    """(GuidanceSource, image rows) of the held-out split, or (None, []) when the store has none."""
+    if config.val_every == 0 or config.val_split not in store.splits or not store[config.val_split].has_gt:
+        return None, []
+    source = GuidanceSource(store, config.val_split, layout_mode, group)
+    n = len(store[config.val_split])
+    return source, list(range(min(n, config.val_images) if config.val_images else n))
+
+
+@torch.no_grad()
+def validate(model, store, config: TrainConfig, source: GuidanceSource, rows: list[int], device) -> dict:
+    """Mean PSNR/SSIM (store convention) on the centre crops (or full images) of the held-out split."""
+    was_training = model.training
+    model.eval()
+    sp = store[config.val_split]
+    conv = metric_convention(store.metric)
+    data_range = 65535 if sp.dtype == np.uint16 else None
+    avg = MetricAverager()
+    for i in rows:
+        lq_full = sp.read_lq(i)
+        H, W = lq_full.shape[:2]
+        c = config.val_crop
+        top, left, h, w = (0, 0, H, W) if not c else ((H - min(c, H)) // 2, (W - min(c, W)) // 2, min(c, H), min(c, W))
+        lq, gt = lq_full[top:top + h, left:left + w], sp.read_gt(i, (top, left, h, w))
+        guide = source.read(i, lq_full)
+        g = to_tensor(guide, device) if guide is not None else None
+        pred = restore(model, to_tensor(lq, device), g, layout=source.layout, frame_hw=(H, W),
+                       crop_yx=(top, left))[0].cpu()
+        avg.add(sp.ids[i], conv.compute(pred, torch.from_numpy(np.ascontiguousarray(gt.transpose(2, 0, 1))),
+                                        data_range=data_range))
+    model.train(was_training)
+    return {**avg.mean(), "n": len(avg)}
+
+
+def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
+    """Train ``config.backbone`` on ``config.store``; see the module docstring. Returns a TrainResult."""
+    config = config.require()
+    t_start = time.perf_counter()
+    # 1. processes and device
+    rank, world, local_rank, created_group = _distributed()
+    main = rank == 0
+    emit = progress if (progress and main) else (lambda event: None)
+    if config.device:
+        device = torch.device(config.device)
+    else:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    run_dir = Path(config.out)
+    last = run_dir / "last.pt"
+    try:
+        # 2. the run folder: new, or resumed from last.pt
+        resume_ckpt = None
+        if config.resume:
+            if not last.is_file():
+                raise TdrError(f"--resume: {last} does not exist; start the run without --resume.")
+            resume_ckpt = ckpt_io.load_file(last)
+        elif last.is_file():
+            raise TdrError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it or use a new --out.")
+
+        # 3. data: the training sample sequence, split by rank
+        store = open_store(config.store)
+        if config.dataset and store.dataset != config.dataset:
+            raise StoreError(f"Store {config.store} holds dataset '{store.dataset}', not '{config.dataset}'.")
+        if "train" not in store.splits:
+            raise StoreError(f"Store {config.store} has no 'train' split (it has: {', '.join(store.splits)}).")
+        ds = TripleDataset(config.store, "train", patch=config.patch, guidance=config.guidance,
+                           group=config.group, seed=config.seed)
+        if config.guidance == "cache":
+            config = replace(config, group=ds.group)
+        if resume_ckpt is not None:
+            _check_resume(resume_ckpt["config"], config)
+        layout = ds.layout
+        val_source, val_rows = _validation_set(store, config, config.guidance, config.group) if main else (None, [])
+
+        # 4. model (seeded; the backbone is built before the aggregation, so guided and plain models
+        # made under one seed share backbone weights), optional --init, optimiser, schedule, EMA
+        torch.manual_seed(config.seed)
+        model = ckpt_io.build_model(config.backbone, guided=config.guidance != "none", fuse=config.fuse,
+                                    search=config.search, layout=layout)
+        if config.init and resume_ckpt is None:
+            load_backbone_checkpoint(model, _init_weights(config.init))
+        model.to(device).train()
+        lr, agg_lr = config.lrs
+        groups = [{"params": model.backbone_parameters(), "lr": lr}]
+        if model.aggregation_parameters():
+            groups.append({"params": model.aggregation_parameters(), "lr": agg_lr})
+        opt = torch.optim.AdamW(groups, betas=config.betas, weight_decay=config.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iters, eta_min=config.eta_min)
+        ema = EMA(model, config.ema) if config.ema else None
+        start = 0
+        if resume_ckpt is not None:
+            model.load_state_dict(resume_ckpt["model"])
+            opt.load_state_dict(resume_ckpt["optimizer"])
+            sched.load_state_dict(resume_ckpt["scheduler"])
+            if ema is not None and resume_ckpt.get("ema"):
+                ema.state = {k: v.to(device) for k, v in resume_ckpt["ema"].items()}
+            ckpt_io.set_rng_state(resume_ckpt["rng"])
+            start = int(resume_ckpt["step"])
+        net = model
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+
+        def save(step: int, path: Path) -> None:
+            payload = {"schema": ckpt_io.SCHEMA, "config": config.to_dict(), "step": step,
+                       "model": model.state_dict(), "optimizer": opt.state_dict(),
+                       "scheduler": sched.state_dict(), "rng": ckpt_io.rng_state(),
+                       "ema": ema.state if ema is not None else None}
+            ckpt_io.save(path, payload)
+            emit({"event": "checkpoint", "step": step, "path": str(path)})
+
+        # 5. the loop
+        result = TrainResult(run_dir, last, start, start)
+        loader = DataLoader(ds, batch_size=config.batch_size, num_workers=config.workers,
+                            sampler=RankSamples(start, config.iters, config.batch_size, rank, world),
+                            pin_memory=device.type == "cuda", persistent_workers=False)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+        guided = config.guidance != "none"
+        emit({"event": "start", "step": start, "iters": config.iters, "device": str(device), "world": world,
+              "params": sum(p.numel() for p in model.parameters()), "lr": lr, "agg_lr": agg_lr})
+        t_loop = time.perf_counter()
+        step = start
+        for batch in loader:
+            lq = batch["lq"].to(device, non_blocking=True)
+            gt = batch["gt"].to(device, non_blocking=True)
+            with autocast:
+                if guided:
+                    out = net(lq, batch["guidance"].to(device, non_blocking=True), box=crop_boxes(layout, batch, device))
+                else:
+                    out = net(lq)
+            loss = F.l1_loss(out.float(), gt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TdrError(f"The loss became {value} at step {step}; lower --lr or check the data.")
+            result.losses.append(value)
+            emit({"event": "step", "step": step, "iters": config.iters, "loss": value,
+                  "lr": opt.param_groups[0]["lr"], "it_s": (step - start) / (time.perf_counter() - t_loop)})
+            if main and val_source is not None and (step % config.val_every == 0 or step == config.iters):
+                val_model = model
+                if ema is not None:
+                    val_model = ckpt_io.build_model(config.backbone, guided=guided, fuse=config.fuse,
+                                                    search=config.search, layout=layout)
+                    val_model.load_state_dict(ema.state)
+                    val_model.to(device)
+                metrics = validate(val_model, store, config, val_source, val_rows, device)
+                result.val.append({"step": step, **metrics})
+                emit({"event": "val", "step": step, **metrics})
+            if main and (config.save_every and step % config.save_every == 0):
+                save(step, run_dir / f"step_{step}.pt")
+            if main and (step == config.iters or (config.val_every and step % config.val_every == 0)):
+                save(step, last)
+        if main and not last.is_file():  # nothing was left to do: still leave a checkpoint behind
+            save(step, last)
+        result.step = step
+        result.seconds = time.perf_counter() - t_start
+        return result
+    finally:
+        if created_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _init_weights(path: str) -> dict:
+    """An official checkpoint (``{"params": …}`` etc.) or a tdr run checkpoint, read safely."""
+    return ckpt_io.load_file(path)

@@ -1,0 +1,262 @@
+"""Dynamic aggregation: matching finds the right places, transfer and fusion behave, gradients flow."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tdr.guided import aggregation as agg_mod
+from tdr.guided.aggregation import AggregationConfig, DynamicAggregation, guidance_box, input_to_guidance
+from tdr.guided.backbones import build_backbone
+
+torch.set_num_threads(2)
+
+
+def texture(b, h, w, seed=0):
+    """(b,3,h,w) in [0,1]: smooth random texture with detail at several scales."""
+    g = torch.Generator().manual_seed(seed)
+    img = 0
+    for s in (2, 4, 8, 16):
+        n = torch.rand(b, 3, h // s + 2, w // s + 2, generator=g)
+        img = img + F.interpolate(n, size=(h + 2 * s, w + 2 * s), mode="bicubic", align_corners=False)[..., s:s + h, s:s + w]
+    return ((img - img.amin()) / (img.amax() - img.amin())).clamp(0, 1)
+
+
+def make_agg(levels=2, **config):
+    torch.manual_seed(0)
+    points = {f"enc{i}": (i, 8 * 2 ** i) for i in range(levels)} | {"mid": (levels, 8 * 2 ** levels)}
+    return DynamicAggregation(levels, points, lambda c, level: nn.Identity(), config=AggregationConfig(nf=8, **config))
+
+
+def share_within(matches, true_g, tol, region=None):
+    """Share of valid cells (inside ``region`` if given) whose match lies within ``tol`` guidance pixels."""
+    ok = matches.valid if region is None else matches.valid & region
+    close = (matches.g_yx - true_g).abs().amax(1, keepdim=True) <= tol
+    return float((close & ok).sum() / ok.sum())
+
+
+def interior(matches, hw, margin):
+    y, x = matches.x_yx[:, :1], matches.x_yx[:, 1:]
+    return (y > margin) & (x > margin) & (y < hw[0] - margin) & (x < hw[1] - margin)
+
+
+@pytest.mark.parametrize("search", ["prior", "global"])
+def test_guidance_equal_to_input_matches_identity(search):
+    x = texture(2, 96, 128)
+    a = make_agg(search=search, layout="full")
+    a.prepare(x, x, (96, 128))
+    m = a.last_matches
+    assert m.stride == 4 and m.g_yx.shape == (2, 2, 24, 32)
+    assert share_within(m, m.x_yx, 1e-3) == 1.0
+    assert torch.all(m.score[m.valid] > 0.999)
+
+
+@pytest.mark.parametrize("search", ["prior", "global"])
+def test_shifted_guidance_gives_the_shift(search):
+    big = texture(2, 256, 320, seed=1)
+    H, W = 192, 256
+    x = big[..., 16:16 + H, 16:16 + W]
+    g = big[..., 8:8 + H, 4:4 + W]  # x's content at p sits at p + (8, 12) in g (2, 3 match cells)
+    a = make_agg(search=search, layout="full")
+    a.prepare(x, g, (H, W))
+    m = a.last_matches
+    truth = m.x_yx + torch.tensor([8.0, 12.0]).view(1, 2, 1, 1)
+    assert share_within(m, truth, 1e-3, interior(m, (H, W), 32)) == 1.0  # away from border effects
+    if search == "prior":
+        assert share_within(m, truth, 1e-3, interior(m, (H, W), 16)) > 0.95
+
+
+def test_resized_guidance_full_layout_prior():
+    x = texture(2, 96, 128)
+    g = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    a = make_agg(layout="full")
+    a.prepare(x, g, (96, 128))
+    m = a.last_matches
+    truth = input_to_guidance(m.x_yx, guidance_box("full", (96, 128), batch=2), (64, 64))
+    assert share_within(m, truth, 0.5 * 4 * 64 / 96 + 1e-3) == 1.0  # within half a match cell
+
+
+def test_center_square_layout_prior():
+    x = texture(2, 96, 128)
+    g = F.interpolate(x[..., :, 16:112], size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+    a = make_agg(layout="center")
+    a.prepare(x, g, (96, 128))
+    m = a.last_matches
+    # cells outside the centre square have no guidance: invalid, zero score
+    assert not m.valid[..., :4].any() and not m.valid[..., 28:].any() and m.valid[..., 6:26].all()
+    assert torch.all(m.score[~m.valid] == 0)
+    truth = input_to_guidance(m.x_yx, guidance_box("center", (96, 128), batch=2), (64, 64))
+    away_from_edges = (m.x_yx[:, 1:] > 16 + 8) & (m.x_yx[:, 1:] < 112 - 8)
+    assert share_within(m, truth, 0.5 * 4 * 64 / 96 + 1e-3, away_from_edges) == 1.0
+
+
+def test_crop_box_maps_a_training_patch():
+    frame = texture(1, 120, 160, seed=3)
+    g = F.interpolate(frame[..., :, 20:140], size=(80, 80), mode="bilinear", antialias=True, align_corners=False)
+    x = frame[..., 24:88, 40:136]  # a 64×96 training crop at (24, 40)
+    box = guidance_box("center", (120, 160), crop_yx=(24, 40))
+    a = make_agg()
+    a.prepare(x, g, (64, 96), box)
+    m = a.last_matches
+    truth = input_to_guidance(m.x_yx, box, (80, 80))
+    assert m.valid.all() and share_within(m, truth, 0.5 * 4 * 80 / 120 + 1e-3, interior(m, (64, 96), 8)) == 1.0
+
+
+@pytest.mark.parametrize("search", ["prior", "global"])
+def test_odd_and_mismatched_sizes(search):
+    a = make_agg(levels=3, search=search)
+    x, g = torch.rand(2, 3, 40, 56), torch.rand(2, 3, 64, 48)  # 37×53 padded to multiples of 8
+    aligned = a.prepare(x, g, (37, 53))
+    assert [t.shape for t in aligned] == [(2, 8 * 2 ** l, 40 // 2 ** l, 56 // 2 ** l) for l in range(4)]
+    for g in (torch.rand(2, 3, 5, 300), torch.rand(2, 3, 700, 20)):  # extreme aspect ratios, tiny and huge
+        assert a.prepare(x, g, (37, 53))[0].shape == (2, 8, 40, 56)
+
+
+def test_finer_match_level_transfers_to_coarser_levels():
+    a = make_agg(levels=3, match_level=1)
+    x = texture(1, 64, 64)
+    aligned = a.prepare(x, x, (64, 64))
+    feats = a.encoder(x)
+    for level in range(4):  # identity match: transfer returns G's own features times the score (≈ 1)
+        assert torch.allclose(aligned[level], feats[level], atol=1e-4)
+
+
+def test_transfer_identity_and_shift_reproduce_features():
+    feat = torch.randn(1, 4, 16, 20)
+    h, w = 4, 5  # match level two levels coarser: s = 4
+    ones = torch.ones(1, 1, h, w)
+    same = agg_mod._transfer(feat, torch.zeros(1, 2, h, w, dtype=torch.long), ones, 2)
+    assert torch.allclose(same, feat)
+    disp = torch.zeros(1, 2, h, w, dtype=torch.long)
+    disp[:, 1] = 1  # every cell matched one cell to the right → features move left by s = 4 pixels
+    moved = agg_mod._transfer(feat, disp, ones, 2)
+    assert torch.allclose(moved[..., :, :12], feat[..., :, 4:16])
+
+
+# -- vectorised search equals a slow per-block reference loop -----------------------------------
+def _cos_patch(fx, py, px, fg, qy, qx, d=1):
+    """Cosine of zero-padded (dilated) 3×3 patches, one pair at a time."""
+    def patch(f, y, x):
+        out = torch.zeros(f.shape[0], 3, 3, dtype=f.dtype)
+        for u, v in itertools.product(range(3), range(3)):
+            yy, xx = y + (u - 1) * d, x + (v - 1) * d
+            if 0 <= yy < f.shape[1] and 0 <= xx < f.shape[2]:
+                out[:, u, v] = f[:, yy, xx]
+        return out.flatten()
+    a, b = patch(fx, py, px), patch(fg, qy, qx)
+    return float(a @ b / (a.norm().clamp_min(1e-12) * b.norm().clamp_min(1e-12)))
+
+
+def _reference_search(fx, fg, k, dilations, mode, radius, scale=1.5):
+    """Paper's algorithm written as plain loops over blocks, positions and candidates (one sample)."""
+    C, h, w = fx.shape
+    hg, wg = fg.shape[1:]
+    nby, nbx = -(-h // k), -(-w // k)
+    q = torch.zeros(2, h, w, dtype=torch.long)
+    for by, bx in itertools.product(range(nby), range(nbx)):
+        y0, x0 = by * k, bx * k
+        if mode == "global":
+            cy, cx = y0 + (min(k, h - y0) - 1) // 2, x0 + (min(k, w - x0) - 1) // 2
+            scores = torch.tensor([[sum(_cos_patch(fx, cy, cx, fg, gy, gx, d) for d in dilations)
+                                    for gx in range(wg)] for gy in range(hg)])
+            gy, gx = divmod(int(scores.argmax()), wg)
+            dy = min(hg, 2 * int(hg / (2 * nby) * scale) + 1)
+            dx = min(wg, 2 * int(wg / (2 * nbx) * scale) + 1)
+            oy, ox = min(max(gy - dy // 2, 0), hg - dy), min(max(gx - dx // 2, 0), wg - dx)
+        else:
+            dy, dx = min(hg, k + 2 * radius), min(wg, k + 2 * radius)
+            oy, ox = min(max(y0 - radius, 0), hg - dy), min(max(x0 - radius, 0), wg - dx)
+        for py, px in itertools.product(range(y0, min(y0 + k, h)), range(x0, min(x0 + k, w))):
+            best, arg = -float("inf"), None
+            for ty, tx in itertools.product(range(oy, oy + dy), range(ox, ox + dx)):
+                if mode == "prior" and max(abs(ty - py), abs(tx - px)) > radius:
+                    continue
+                c = _cos_patch(fx, py, px, fg, ty, tx)
+                if c > best:
+                    best, arg = c, (ty, tx)
+            q[:, py, px] = torch.tensor(arg)
+    return q
+
+
+@pytest.mark.parametrize("mode", ["prior", "global"])
+def test_vectorised_search_equals_reference_loop(mode):
+    torch.manual_seed(1)
+    fx = torch.randn(2, 6, 11, 13, dtype=torch.float64)
+    fg = torch.randn(2, 6, 11, 13, dtype=torch.float64) if mode == "prior" else torch.randn(2, 6, 9, 17, dtype=torch.float64)
+    fg[1, :, 2:9, 3:10] = fx[1, :, 1:8, 2:9]  # one sample with a real correspondence
+    k, radius, dil = 4, 2, (1, 2)
+    with torch.no_grad():
+        if mode == "prior":
+            origins, win = agg_mod._prior_windows(2, 11, 13, *fg.shape[-2:], k, radius, "cpu")
+            limit = radius
+        else:
+            centres = agg_mod._coarse_search(fx, fg, k, dil, budget=50)  # tiny budget: many chunks
+            origins, win = agg_mod._global_windows(centres, *fg.shape[-2:], 1.5)
+            limit = None
+        q = agg_mod._fine_search(fx, fg, origins, win, k, limit, budget=5000)
+    for b in range(2):
+        assert torch.equal(q[b], _reference_search(fx[b], fg[b], k, dil, mode, radius))
+
+
+def test_many_blocks_at_once_bounded_chunks():
+    # 48×64 match map, 4×4 blocks → 192 blocks; a small budget forces several chunks, same answer
+    fx, fg = torch.randn(1, 8, 48, 64), torch.randn(1, 8, 48, 64)
+    origins, win = agg_mod._prior_windows(1, 48, 64, 48, 64, 4, 2, "cpu")
+    one = agg_mod._fine_search(fx, fg, origins, win, 4, 2, budget=1 << 30)
+    many = agg_mod._fine_search(fx, fg, origins, win, 4, 2, budget=20000)
+    assert torch.equal(one, many)
+
+
+# -- fusion: α = 0 keeps the backbone, gradients reach α, B and the encoder ---------------------
+@pytest.mark.parametrize("name", ["nafnet-test", "restormer-test"])
+def test_alpha_zero_keeps_backbone_output(name):
+    torch.manual_seed(0)
+    guided = build_backbone(name, guided=True).eval()
+    torch.manual_seed(0)
+    plain = build_backbone(name, guided=False).eval()
+    plain.load_state_dict(guided.backbone_state_dict())
+    x, g = torch.rand(1, 3, 37, 53), torch.rand(1, 3, 512, 512)
+    with torch.no_grad():
+        assert torch.equal(guided(x, g), plain(x))
+
+
+def test_gradients_reach_alpha_block_and_encoder():
+    torch.manual_seed(0)
+    model = build_backbone("nafnet-test", guided=True, aggregation=AggregationConfig(alpha_init=0.1, match_level=2))
+    model.train()
+    x, g = texture(2, 48, 64), texture(2, 64, 64, seed=5)
+    model(x, g).abs().mean().backward()
+    agg = model.agg
+    assert set(agg.fusions) == {"enc0", "enc1", "enc2", "enc3", "mid", "dec0", "dec1", "dec2", "dec3"}
+    for name, fusion in agg.fusions.items():
+        assert fusion.alpha.grad.abs().sum() > 0, name
+        assert fusion.reduce.weight.grad.abs().sum() > 0, name
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fusion.block.parameters()), name
+    for name, p in agg.encoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert {id(p) for p in model.aggregation_parameters()} == {id(p) for p in agg.parameters()}
+
+
+def test_alpha_starts_at_zero_and_gets_gradient():
+    model = build_backbone("nafnet-test", guided=True).train()
+    model(texture(1, 32, 32), texture(1, 40, 40)).mean().backward()
+    for fusion in model.agg.fusions.values():
+        assert torch.all(fusion.alpha == 0) and fusion.alpha.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fuse,expected", [("enc", {"enc0", "enc1", "enc2", "mid"}), ("dec", {"dec0", "dec1", "dec2"}),
+                                           ("enc+dec", {"enc0", "enc1", "enc2", "mid", "dec0", "dec1", "dec2"})])
+def test_fuse_sides(fuse, expected):
+    model = build_backbone("restormer-test", guided=True, fuse=fuse)
+    assert set(model.agg.fusions) == expected
+    with pytest.raises(ValueError, match="enc\\+dec"):
+        build_backbone("restormer-test", fuse="both")
+
+
+def test_config_errors_name_the_choices():
+    with pytest.raises(ValueError, match="prior, global"):
+        AggregationConfig(search="local")
+    with pytest.raises(ValueError, match="center, full"):
+        guidance_box("middle", (10, 10))
