@@ -148,21 +148,25 @@ def cache_ingest(dataset: str = typer.Option(..., "--dataset", help="Dataset nam
                  store: str = typer.Option(..., "--store", help="Store location: a local path or an fsspec URL."),
                  root: Optional[Path] = typer.Option(None, "--root", help="Dataset folder (not needed for demo)."),
                  split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits (default: all found)."),
-                 workers: int = typer.Option(2, "--workers", min=1, help="Decoding threads.")) -> None:
+                 workers: int = typer.Option(2, "--workers", min=1, help="Decoding threads."),
+                 sigma: Optional[float] = typer.Option(None, "--sigma", help="Gaussian denoising sets: noise level on 0..255 (default 25)."),
+                 noise: Optional[str] = typer.Option(None, "--noise", help="Gaussian denoising sets: promptir (clip, truncate) or round.")) -> None:
     """Copy a dataset's degraded and clean images into a guidance store.
 
     Example: tdr cache ingest --dataset gopro --root ~/data/GOPRO_Large --store gopro.zarr
     """
-    summary = _ingest(dataset, root, store, split, workers)
+    options = {k: v for k, v in {"sigma": sigma, "noise": noise}.items() if v is not None}
+    summary = _ingest(dataset, root, store, split, workers, options)
     _print_ingest(summary)
 
 
-def _ingest(dataset: str, root: Optional[Path], store: str, split: Optional[str], workers: int = 2):
+def _ingest(dataset: str, root: Optional[Path], store: str, split: Optional[str], workers: int = 2,
+            options: Optional[dict] = None):
     from .cache.ingest import ingest
 
     with progress_bar("ingest") as update:
         return ingest(dataset, str(root) if root else None, store, splits=_split_list(split), workers=workers,
-                      progress=lambda s, d, t: update(d, t, f"ingest {s}"))
+                      options=options, progress=lambda s, d, t: update(d, t, f"ingest {s}"))
 
 
 def _split_list(text: Optional[str]) -> Optional[list[str]]:
@@ -423,15 +427,11 @@ def train_cmd(
                fuse=fuse, iters=iters, patch=patch, batch_size=batch_size, lr=lr, agg_lr=agg_lr, ema=ema,
                seed=seed, init=init, resume=resume or None, workers=workers, val_every=val_every, device=device)
     config = merge(TrainConfig, *_train_layers(config_file, resume, out_dir, cli), source="train config").require()
-    import torch
-
     from .guided.backbones import BACKBONES
     from .guided.train import train
 
     if config.backbone not in BACKBONES:
         raise TdrError(f"Unknown backbone '{config.backbone}'; choose one of: {', '.join(BACKBONES)}.")
-    if torch.cuda.is_available() is False:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     state = {"loss": None, "val": None}
     with progress_bar("train") as update:
         def report(event: dict) -> None:

@@ -42,17 +42,19 @@ class IngestSummary:
 
 def ingest(dataset: str, root: str | None, url: str, *, splits: Sequence[str] | None = None,
            storage_options: Mapping[str, Any] | None = None, progress: Progress | None = None,
-           workers: int = 2) -> IngestSummary:
+           workers: int = 2, options: Mapping[str, Any] | None = None) -> IngestSummary:
     """Write the pairs of ``dataset`` found under ``root`` into the store at ``url``.
 
     Every split is listed and paired before the store is touched, so a layout or pairing problem
     changes nothing. Splits already complete in the store are kept (their ids must match).
+    ``options`` are the dataset's own (Gaussian denoising sets: sigma, noise, seed).
     """
     from .datasets import get_dataset
 
-    ds = get_dataset(dataset)
+    ds = get_dataset(dataset, **dict(options or {}))
     pairs_by_split = list_pairs(ds, root, splits)
-    store = create_store(url, dataset=ds.name, metric=ds.metric, storage_options=storage_options)
+    store = create_store(url, dataset=ds.name, metric=ds.metric, storage_options=storage_options,
+                         options=ds.options() if hasattr(ds, "options") else {})
     if store.dataset != ds.name:
         raise StoreError(f"Store {url} holds dataset '{store.dataset}', not '{ds.name}'; use one store per dataset.")
     summary = IngestSummary(store=str(url), dataset=ds.name)

@@ -72,7 +72,8 @@ def open_store(url: str, mode: str = "r", storage_options: Mapping[str, Any] | N
 
 
 def create_store(url: str, *, dataset: str, metric: Mapping[str, Any],
-                 storage_options: Mapping[str, Any] | None = None) -> "Store":
+                 storage_options: Mapping[str, Any] | None = None,
+                 options: Mapping[str, Any] | None = None) -> "Store":
     """Open the store at ``url`` for writing, creating it (for ``dataset``) if it does not exist."""
     try:
         return open_store(url, "a", storage_options)
@@ -83,7 +84,8 @@ def create_store(url: str, *, dataset: str, metric: Mapping[str, Any],
         group = zarr.open_group(str(url), mode="w-",
                                 storage_options=dict(storage_options) if storage_options else None)
         group.attrs.update({"tdr_schema": SCHEMA, "dataset": dataset, "metric": dict(metric), "tile": TILE,
-                            "created": _utc_now(), "guidance_default": None})
+                            "dataset_options": dict(options or {}), "created": _utc_now(),
+                            "guidance_default": None})
     except Exception as exc:
         raise StoreError(f"Cannot create store {_display(url)}: {_one_line(exc)}.") from None
     return Store(group, url, read_only=False)

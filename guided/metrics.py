@@ -278,6 +278,9 @@ class MetricConvention:
     y_channel: bool = False
     crop_border: int = 0
     ssim: str = "basicsr"
+    # RealBlur's protocol aligns the output to the ground truth (ECC homography) before scoring; compute()
+    # does not align, so RealBlur numbers from it are the unaligned ones (evaluation says so).
+    align: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.y_channel, bool):
