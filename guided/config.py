@@ -69,11 +69,11 @@ class TrainConfig:
     init: str | None = None  # official or tdr checkpoint for the backbone (strict); aggregation fresh
     resume: bool = False  # continue RUN_DIR/last.pt exactly
     workers: int = 0  # DataLoader worker processes
-    val_every: int = 500  # validate every N iterations (and at the end); 0: never
+    val_every: int = 500  # validate (and update last.pt) every N iterations and at the end; 0: never
     val_split: str = "test"
     val_crop: int = 256  # validate on the centre crop of this side of each image; 0: full images
     val_images: int = 0  # validate on the first N images of val_split; 0: all
-    save_every: int = 0  # also keep RUN_DIR/step_N.pt every N iterations; 0: only last.pt
+    save_every: int = 0  # every N iterations: update last.pt and keep step_N.pt; 0: off
     device: str | None = None  # "cuda", "cpu" (default: cuda if available)
 
     def __post_init__(self) -> None:

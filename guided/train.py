@@ -273,9 +273,10 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
                 metrics = validate(val_model, store, config, val_source, val_rows, device)
                 result.val.append({"step": step, **metrics})
                 emit({"event": "val", "step": step, **metrics})
-            if main and (config.save_every and step % config.save_every == 0):
+            periodic = bool(config.save_every) and step % config.save_every == 0
+            if main and periodic:
                 save(step, run_dir / f"step_{step}.pt")
-            if main and (step == config.iters or (config.val_every and step % config.val_every == 0)):
+            if main and (periodic or step == config.iters or (config.val_every and step % config.val_every == 0)):
                 save(step, last)
         if main and not last.is_file():  # nothing was left to do: still leave a checkpoint behind
             save(step, last)
