@@ -34,9 +34,13 @@ class GuidancePipeline:
             ``"sdpa"`` or ``"xformers"``; the one chosen is ``self.attention_backend``.
         compile: ``torch.compile`` the UNet: ``False``, ``True`` (default mode) or a mode name
             (``"reduce-overhead"`` adds CUDA graphs, ``"max-autotune"``).
-        batch_invariant: run images one at a time so every image's result is bit-identical whatever batch
-            it comes in. Default: on for CPU (oneDNN/BLAS kernels may reorder sums with the batch size),
-            off for CUDA (speed; results there agree to fp16 noise).
+        batch_invariant: run images one at a time so that an image's result is bit-identical whatever
+            batch, order or worker it comes in. Default: on for CPU, off for CUDA (speed; batched results
+            agree to fp16 noise). Why it is needed on CPU (torch 2.13, fp32): GEMMs with 1-2 rows take another
+            BLAS kernel than with 3+ rows (mapper/cleaner, time embedding: ~1e-7 differences) and oneDNN
+            convolutions change their blocking with the batch size (~1e-6); amplified over the denoising loop
+            these flip uint8 pixels. Bit-identity also needs the same torch build and
+            ``torch.get_num_threads()`` (BLAS partitions its sums by thread count).
         decode_chunk: images per VAE decode call (bounds memory at 512^2).
     """
 

@@ -181,7 +181,7 @@ def save_checkpoint(module: Mapper | Cleaner, path: str | os.PathLike, meta: dic
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str) -> Mapper | Cleaner:
-    """Read a mapper or cleaner checkpoint (on CPU, fp32 as saved)."""
+    """Read a mapper or cleaner checkpoint (on CPU, in the dtype it was saved in)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -191,11 +191,14 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> Mapper | Cleaner:
     if not isinstance(ckpt, dict) or ckpt.get("schema") != SCHEMA or ckpt.get("kind") != kind:
         got = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise TdrError(f"{path} is not a schema-{SCHEMA} {kind} checkpoint (it holds {got!r}).")
-    if kind == "mapper":
-        module: Mapper | Cleaner = Mapper(MapperConfig.from_dict(ckpt["config"]))
-    else:
-        module = Cleaner(CleanerConfig.from_dict(ckpt["config"]))
-    module.load_state_dict(ckpt["state_dict"])
+    try:
+        if kind == "mapper":
+            module: Mapper | Cleaner = Mapper(MapperConfig.from_dict(ckpt["config"]))
+        else:
+            module = Cleaner(CleanerConfig.from_dict(ckpt["config"]))
+        module.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise TdrError(f"The {kind} checkpoint {path} is inconsistent ({type(e).__name__}): save it again.") from None
     return module
 
 
@@ -547,8 +550,9 @@ def models_from_parts(
     moved = dict(parts)
     for k in ("unet", "vae", "text_encoder", "clip", "mapper", "cleaner"):
         module = parts[k].to(device)
-        if next(module.parameters()).dtype != dtype:  # (diffusers warns on every dtype cast)
-            module = module.to(dtype)
+        if next(module.parameters()).dtype != dtype:
+            with _quiet():  # diffusers warns on every dtype cast
+                module = module.to(dtype)
         moved[k] = module.eval().requires_grad_(False)
     return GuidanceModels(
         unet=moved["unet"],

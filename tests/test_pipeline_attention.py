@@ -61,7 +61,10 @@ def test_copies_are_used_in_both_passes_and_the_unets_own_are_not(models):
     own = {k: v.clone() for k, v in m.unet.state_dict().items()}
 
     seen = []
-    hooks = [p.to_k.register_forward_hook(lambda mod, i, o: seen.append(i[0].detach().clone())) for p in installed_processors(m.unet)]
+    def record(module, inputs, output):
+        seen.append(inputs[0].detach().clone())
+
+    hooks = [p.to_k.register_forward_hook(record) for p in installed_processors(m.unet)]
     unet_out(m, context)
     for h in hooks:
         h.remove()

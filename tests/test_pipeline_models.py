@@ -42,7 +42,9 @@ def tiny_dirs(tmp_path_factory):
     from tdr.pipeline.models import TINY_UNET_CONFIG, TINY_VAE_CONFIG
 
     root = tmp_path_factory.mktemp("models")
-    parts = random_components(TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG, TINY_VISION_CONFIG, cleaner_hidden=40)
+    parts = random_components(
+        TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_CONFIG, TINY_VISION_CONFIG, cleaner_hidden=40
+    )
     sd = root / "sd"
     for name in ("unet", "vae", "text_encoder", "tokenizer"):
         parts[name].save_pretrained(sd / name)
@@ -55,7 +57,8 @@ def tiny_dirs(tmp_path_factory):
     save_checkpoint(parts["cleaner"], root / "cleaner.pt")
     vision = {k.removeprefix("vision_model."): v for k, v in clip.state_dict().items() if k.startswith("vision_")}
     parts["clip"] = vision
-    return {"sd": sd, "clip": root / "clip", "mapper": root / "mapper.pt", "cleaner": root / "cleaner.pt", "parts": parts}
+    ckpts = {"mapper": root / "mapper.pt", "cleaner": root / "cleaner.pt"}
+    return {"sd": sd, "clip": root / "clip", **ckpts, "parts": parts}
 
 
 def test_missing_models_are_all_listed(tmp_path, offline_home):

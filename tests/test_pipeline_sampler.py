@@ -52,7 +52,8 @@ def test_matches_diffusers_stable_diffusion_pipeline(models):
         cond = encode_injected(m.text_encoder, m.tokenizer, words)
         uncond = pipe.uncond_embeddings()
         latents = initial_noise(["x", "y"], 0, (4, 8, 8))
-        ours = ddim_sample(pipe.unet, make_scheduler(m.scheduler_config), latents, cond, uncond, steps=steps, scale=scale)
+        scheduler = make_scheduler(m.scheduler_config)
+        ours = ddim_sample(pipe.unet, scheduler, latents, cond, uncond, steps=steps, scale=scale)
         ours = decode_float(m.vae, ours).permute(0, 2, 3, 1).numpy()
     remove_mapper_kv(m.unet)  # diffusers' own cross-attention with the UNet's to_k/to_v
     try:
@@ -132,3 +133,14 @@ def test_progress_callback(models):
     seen = []
     GuidancePipeline(models)(images(1), ["a"], steps=3, size=64, callback=lambda i, n: seen.append((i, n)))
     assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_paths(models, dtype):
+    """The GPU dtypes run end to end (here on CPU) and stay close to fp32."""
+    half = load_components(preset="tiny", dtype=dtype)
+    assert half.unet.dtype == dtype and next(half.mapper.parameters()).dtype == dtype
+    ims, ids = images(2), ["a", "b"]
+    ref = GuidancePipeline(models)(ims, ids, steps=2, size=64).astype(int)
+    out = GuidancePipeline(half)(ims, ids, steps=2, size=64)
+    assert out.dtype == np.uint8 and np.abs(out - ref).mean() < 2
