@@ -288,6 +288,131 @@ def cache_export(store: str = typer.Argument(..., help="Store location."),
         out.print(f"{len(summary.missing)} image(s) have no guidance yet, first: {summary.missing[0]}", highlight=False)
 
 
+@cache_app.command("merge")
+@user_errors
+def cache_merge(src: str = typer.Argument(..., help="Store to copy guidance from."),
+                dst: str = typer.Argument(..., help="Store to copy guidance into (its images decide what is copied)."),
+                storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option KEY=VALUE for remote stores, repeatable (also: $TDR_STORAGE_OPTIONS).")) -> None:
+    """Copy guidance made with equal settings into DST for every image whose degraded pixels SRC knows.
+
+    Matching is by content (sha256 of the degraded pixels), across splits and datasets; stores whose
+    guidance was made with other settings are refused.
+
+    Example: tdr cache merge alice/gopro.zarr s3://team/gopro.zarr
+    """
+    from .cache import open_store
+    from .cache.merge import merge
+    from .cache.options import parse_storage_options
+
+    options = parse_storage_options(storage_option)
+    with progress_bar("merge") as update:
+        summary = merge(open_store(src, storage_options=options), open_store(dst, "a", options), progress=update)
+    out.print(f"merged group(s) {', '.join(summary.groups)}: copied {summary.copied}, already present "
+              f"{summary.already}, still missing {summary.missing}", highlight=False)
+    if summary.unreadable:
+        err.print(f"{summary.unreadable} source chunk(s) failed their checksum and were not copied; "
+                  f"run 'tdr cache verify {src}'.", highlight=False)
+
+
+# ------------------------------------------------------------------------------ train-mapper / train-cleaner
+def _textual_options(**given) -> dict:
+    """CLI values -> TextualConfig fields (None: not given, so a resumed run keeps its saved setting)."""
+    given["data"] = tuple(given.get("data") or ()) or None
+    given["noise_data"] = tuple(given.get("noise_data") or ()) or None
+    given["resume"] = given.get("resume") or None
+    return given
+
+
+def _run_textual(stage: str, given: dict) -> None:
+    """Shared body of train-mapper / train-cleaner: config, progress bar, summary table."""
+    from .pipeline.textual import merged_config, train_cleaner, train_mapper
+
+    if given.get("precision") is not None and given["precision"] not in ("auto", "fp16", "bf16", "fp32"):
+        raise typer.BadParameter("must be auto, fp16, bf16 or fp32", param_hint="--precision")
+    if given.get("preset") is not None and given["preset"] not in ("full", "tiny"):
+        raise typer.BadParameter("must be 'full' or 'tiny'", param_hint="--preset")
+    config = merged_config(given)
+    _quiet_model_libraries()
+    train = train_mapper if stage == "mapper" else train_cleaner
+    state = {"loss": None, "val": None}
+    with progress_bar(f"train-{stage}") as update:
+        def report(event: dict) -> None:
+            if event["event"] == "start":
+                update(event["step"], event["steps"], f"train-{stage} ({event['device']}, {event['images']} images, "
+                                                      f"lr {event['lr']:.2e})")
+            elif event["event"] == "step":
+                state["loss"] = event["loss"] if state["loss"] is None else 0.95 * state["loss"] + 0.05 * event["loss"]
+                val = f"  val {state['val']:.4f}" if state["val"] is not None else ""
+                update(event["step"], event["steps"], f"train-{stage}  loss {state['loss']:.4f}{val}")
+            elif event["event"] == "validation":
+                state["val"] = event["loss"]
+
+        result = train(config, progress=report)
+    table = Table(title=f"{stage} run {result.run_dir}")
+    for col in ("steps", "last loss", "val loss", "lr", "time", "checkpoint"):
+        table.add_column(col)
+    table.add_row(str(result.step), f"{result.losses[-1]:.4f}" if result.losses else "-",
+                  f"{result.val_losses[-1]:.4f}" if result.val_losses else "-", f"{result.lr:.2e}",
+                  f"{result.seconds:.1f} s", str(result.checkpoint))
+    out.print(table)
+    if result.validations:
+        out.print(f"validation grid (input | guidance) → {result.validations[-1]}", highlight=False)
+
+
+def _textual_command(stage: str, summary: str, example: str, pairs_help: str):
+    """Build the typer command of one textual stage (the two share every option but --mapper/--noise-data)."""
+
+    def command(
+        data: Optional[list[str]] = typer.Option(None, "--data", help=pairs_help),
+        noise_data: Optional[list[str]] = typer.Option(None, "--noise-data", hidden=stage == "mapper", help="Clean images that get Gaussian noise sigma ~ U(0,50) on the fly: NAME[:ROOT] or store:URL."),
+        mapper: Optional[str] = typer.Option(None, "--mapper", hidden=stage == "mapper", help="The trained mapper (train-mapper's DIR/last.pt); it stays frozen."),
+        out_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (config.json, last.pt, step_N.pt, val_N.png)."),
+        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (paper: up to 200000)."),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per micro-step and GPU (paper: 4)."),
+        accum: Optional[int] = typer.Option(None, "--accum", "--grad-accum", min=1, help="Gradient accumulation steps (paper: 4)."),
+        lr: Optional[float] = typer.Option(None, "--lr", help="Absolute learning rate (default: --base-lr x total batch)."),
+        base_lr: Optional[float] = typer.Option(None, "--base-lr", help="Learning rate per image of the total batch (paper: 1e-6)."),
+        size: Optional[int] = typer.Option(None, "--size", min=8, help="Training crop side (SD-2.1-base: 512)."),
+        split: Optional[str] = typer.Option(None, "--split", help="Dataset split to train on (default: train)."),
+        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the sample sequence (crops, noise, timesteps)."),
+        precision: Optional[str] = typer.Option(None, "--precision", help="auto (fp16 autocast on GPU), fp16, bf16 or fp32."),
+        grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute UNet activations in backward (less memory, slower)."),
+        save_every: Optional[int] = typer.Option(None, "--save-every", min=0, help="Write step_N.pt every N steps (default 5000; 0: last.pt only)."),
+        val_every: Optional[int] = typer.Option(None, "--val-every", min=0, help="Write a validation grid every N steps (default 1000; 0: never)."),
+        val_steps: Optional[int] = typer.Option(None, "--val-steps", min=1, help="DDIM steps of the validation guidance (default 20)."),
+        workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Image loading threads (default 2)."),
+        device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available; torchrun: one GPU per process)."),
+        sd_model: Optional[str] = typer.Option(None, "--sd-model", help="Hub id or local folder (diffusers layout)."),
+        clip_model: Optional[str] = typer.Option(None, "--clip-model", help="Hub id or local folder."),
+        preset: Optional[str] = typer.Option(None, "--preset", help="full: real models; tiny: tiny random models (tests, demo)."),
+        dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Shorthand for --data NAME (e.g. --dataset demo)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where last.pt left it."),
+    ) -> None:
+        if stage == "mapper" and (mapper or noise_data):
+            raise typer.BadParameter("only for train-cleaner", param_hint="--mapper/--noise-data")
+        given = dict(data=(list(data or []) + list(dataset or [])) or None, out=out_dir, steps=steps,
+                     batch_size=batch_size, accum=accum, lr=lr, base_lr=base_lr, size=size, split=split, seed=seed,
+                     precision=precision, grad_checkpointing=grad_checkpointing, save_every=save_every,
+                     val_every=val_every, val_steps=val_steps, workers=workers, device=device, sd_model=sd_model,
+                     clip_model=clip_model, preset=preset, resume=resume)
+        if stage == "cleaner":
+            given.update(noise_data=noise_data, mapper=mapper)
+        _run_textual(stage, _textual_options(**given))
+
+    command.__doc__ = f"{summary}\n\n    Example: {example}\n    "
+    return user_errors(command)
+
+
+app.command("train-mapper")(_textual_command(
+    "mapper", "Stage 1: train the image-to-words mapper (and its UNet k/v copies) on clean and degraded images.",
+    "tdr train-mapper --data gopro:~/data/GOPRO_Large --data rain200h:~/data/Rain200H --out runs/mapper",
+    "Training images: NAME[:ROOT] of 'tdr datasets' or store:URL; repeat for several."))
+app.command("train-cleaner")(_textual_command(
+    "cleaner", "Stage 2: train the degradation cleaner on degraded -> clean pairs, with the mapper frozen.",
+    "tdr train-cleaner --data gopro:~/data/GOPRO_Large --noise-data div2k:~/data/DIV2K --mapper runs/mapper/last.pt --out runs/cleaner",
+    "Degraded/clean pairs: NAME[:ROOT] or store:URL; repeat for several."))
+
+
 # ------------------------------------------------------------------------------------ generate-guidance
 def _quiet_model_libraries() -> None:
     """diffusers/transformers log warnings meant for their developers; keep the terminal for ours."""
@@ -311,7 +436,7 @@ def generate_guidance(
     steps: int = typer.Option(200, "--steps", min=1, help="DDIM steps (paper: 200)."),
     scale: float = typer.Option(5.0, "--scale", help="Classifier-free guidance scale (paper: 5)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per batch."),
-    seed: int = typer.Option(0, "--seed", help="Run seed; each image's noise comes from (seed, image id)."),
+    seed: int = typer.Option(0, "--seed", help="Run seed; each image's noise comes from (seed, sha256 of its degraded pixels)."),
     layout: str = typer.Option("center", "--layout", help="center: the centre square (paper); full: whole frame."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Generate at most N images in this run."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
@@ -325,6 +450,9 @@ def generate_guidance(
     allow_untrained: bool = typer.Option(False, "--allow-untrained", help="Run real models with a random mapper/cleaner."),
     size: int = typer.Option(512, "--size", min=64, help="Guidance side in pixels (SD-2.1-base: 512)."),
     force: bool = typer.Option(False, "--force", help="Add a new guidance group if the store holds other guidance."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Sample on N local dask workers (one per GPU; CPU processes without GPUs); 0: in this process."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Sample on a running dask cluster, e.g. tcp://10.0.0.5:8786 (SLURM: see README)."),
+    storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option KEY=VALUE for remote stores, repeatable (also: $TDR_STORAGE_OPTIONS as JSON)."),
 ) -> None:
     """Make guidance images for a dataset and write them into its store (resumable).
 
@@ -339,29 +467,51 @@ def generate_guidance(
     import torch
 
     _quiet_model_libraries()
+    from contextlib import ExitStack
+
+    from .cache.options import parse_storage_options
     from .pipeline import GuidancePipeline, fingerprint, load_components
     from .pipeline.generate import SamplingSettings, generate, open_for_generation
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise TdrError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
-    models = load_components(sd_model, clip_model, mapper_ckpt=mapper, cleaner_ckpt=cleaner, device=dev,
-                             dtype=getattr(torch, DTYPES[dtype]) if dtype else None, preset=preset,
-                             allow_untrained=allow_untrained)
-    with progress_bar("ingest") as update:
-        st, splits = open_for_generation(store, dataset, str(root) if root else None, _split_list(split),
-                                         ingest_progress=lambda s, d, t: update(d, t, f"ingest {s}"))
-    pipe = GuidancePipeline(models, compile=compile)
+    options = parse_storage_options(storage_option)
     settings = SamplingSettings(steps=steps, scale=scale, seed=seed, layout=layout, size=size)
-    with progress_bar("guidance") as update:
-        def report(event: dict) -> None:
-            if event["event"] == "plan":
-                update(0, event["todo"])
-            else:
-                update(event["done"], event["total"])
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available() and not scheduler:
+        raise TdrError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
+    with ExitStack() as stack:
+        if workers or scheduler:  # models load once per dask worker; this process only plans and reports
+            import os
 
-        summary = generate(st, splits, pipe, settings, fingerprint(models), batch_size=batch_size, limit=limit,
-                           force=force, progress=report)
+            from distributed import Client
+
+            from .pipeline.distributed import ModelSpec, generate_distributed, load_on_workers, local_cluster
+
+            spec = ModelSpec(sd_model, clip_model, str(mapper) if mapper else None, str(cleaner) if cleaner else None,
+                             preset, device, DTYPES[dtype] if dtype else None, allow_untrained, compile,
+                             None if scheduler else max(1, (os.cpu_count() or 1) // max(workers, 1)))
+            client = stack.enter_context(Client(scheduler) if scheduler else Client(stack.enter_context(local_cluster(workers))))
+            model_fp = load_on_workers(client, spec)
+            run = functools.partial(generate_distributed, client, spec, store, storage_options=options,
+                                    model_fingerprint=model_fp)
+        else:
+            models = load_components(sd_model, clip_model, mapper_ckpt=mapper, cleaner_ckpt=cleaner, device=dev,
+                                     dtype=getattr(torch, DTYPES[dtype]) if dtype else None, preset=preset,
+                                     allow_untrained=allow_untrained)
+        with progress_bar("ingest") as update:
+            st, splits = open_for_generation(store, dataset, str(root) if root else None, _split_list(split), options,
+                                             ingest_progress=lambda s, d, t: update(d, t, f"ingest {s}"))
+        if not (workers or scheduler):
+            run = functools.partial(generate, st, pipe=GuidancePipeline(models, compile=compile),
+                                    model_fingerprint=fingerprint(models))
+        with progress_bar("guidance") as update:
+            def report(event: dict) -> None:
+                if event["event"] == "plan":
+                    update(0, event["todo"])
+                else:
+                    update(event["done"], event["total"])
+
+            summary = run(splits=splits, settings=settings, batch_size=batch_size, limit=limit, force=force,
+                          progress=report)
     if not summary.done and not summary.failed:
         out.print(f"Nothing to do: all {summary.skipped} images of {', '.join(splits)} already have guidance "
                   f"(group {summary.group}).", highlight=False)
