@@ -29,6 +29,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 LAYOUTS = ("center", "full")
 SEARCHES = ("prior", "global")
@@ -52,6 +53,7 @@ class AggregationConfig:
     match_level: int | None = None  # encoder level matched on; None: the coarsest (paper)
     alpha_init: float = 0.0  # α of eq. 4 (per channel); 0 leaves a (pretrained) backbone unchanged
     rescale_guidance: bool = True  # global search: resize G to the input's scale (from the box) first
+    checkpoint_fusion: bool = False  # training: recompute fusion blocks in backward instead of storing
     chunk_elements: int = 1 << 24  # bound on the elements of one similarity chunk (64 MiB in fp32)
 
     def __post_init__(self):
@@ -138,14 +140,21 @@ class SharedEncoder(nn.Module):
 class Fusion(nn.Module):
     """Paper eq. 4: ``F_x + α·B([F_x, F̂_g])``, B = 1×1 conv to c channels then the backbone's block."""
 
-    def __init__(self, channels: int, guide_channels: int, block: nn.Module, alpha_init: float = 0.0):
+    def __init__(self, channels: int, guide_channels: int, block: nn.Module, alpha_init: float = 0.0,
+                 recompute: bool = False):
         super().__init__()
         self.reduce = nn.Conv2d(channels + guide_channels, channels, 1)
         self.block = block
         self.alpha = nn.Parameter(torch.full((1, channels, 1, 1), float(alpha_init)))
+        self.recompute = recompute  # activation checkpointing: the block's activations are not stored
+
+    def _branch(self, x, guide):
+        return self.block(self.reduce(torch.cat([x, guide], 1)))
 
     def forward(self, x, guide):
-        return x + self.alpha * self.block(self.reduce(torch.cat([x, guide], 1)))
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return x + self.alpha * checkpoint(self._branch, x, guide, use_reentrant=False)
+        return x + self.alpha * self._branch(x, guide)
 
 
 class DynamicAggregation(nn.Module):
@@ -170,7 +179,7 @@ class DynamicAggregation(nn.Module):
         self.encoder = SharedEncoder(levels, nf, config.encoder_blocks)
         sides = fuse.split("+")
         self.fusions = nn.ModuleDict({
-            name: Fusion(ch, nf * 2 ** lvl, block(ch, lvl), config.alpha_init)
+            name: Fusion(ch, nf * 2 ** lvl, block(ch, lvl), config.alpha_init, config.checkpoint_fusion)
             for name, (lvl, ch) in points.items() if ("dec" if name.startswith("dec") else "enc") in sides})
         self.point_levels = {name: lvl for name, (lvl, _) in points.items()}
         self.last_matches: Matches | None = None

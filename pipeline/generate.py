@@ -1,13 +1,21 @@
 """``generate()``: fill a store's guidance group, batch by batch, resumable and safe to run concurrently.
 
-Reading the next batch's degraded images and writing the previous batch's guidance run on threads
-beside the sampler, so the GPU only samples. Each image is written as soon as its batch finishes, as
-one checksummed chunk; images already done (chunk present, checksum good) are skipped, so a killed or
-interrupted run is finished by running it again.
+Work is planned by content (:mod:`tdr.cache.merge`): an image whose degraded pixels already have guidance
+in this group — in any split — is copied, and equal pixels within the work are sampled once. Each image's
+noise comes from (seed, sha256 of its degraded pixels), so equal pixels give equal guidance by
+construction, whichever split, dataset, store, batch or worker they come from.
+
+Reading the next batch's degraded images and writing the previous batch's guidance run on threads beside
+the sampler, so the GPU only samples. Each image is written as soon as its batch finishes, as one
+checksummed chunk; images already done (chunk present, checksum good) are skipped, so a killed run is
+finished by running it again. Several processes may fill one group at once: each walks the batches in
+its own random order, rechecks right before sampling, and defers images another writer has claimed
+(:mod:`tdr.cache.claims`), so work done twice is at most the batches in flight.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,11 +23,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..cache import open_store
+from ..cache import claims, open_store
 from ..cache.errors import StoreError
-from ..cache.store import GUIDANCE_SIZE, GuidanceSet, Store
+from ..cache.merge import content_index, copy_guidance, rows_by_content
+from ..cache.store import GUIDANCE_SIZE, GuidanceSet, Split, Store
 
 ProgressFn = Callable[[dict], None]
+Row = tuple[str, int]  # (split, row)
+NOISE = "content-sha256"  # fingerprint entry: noise drawn from (seed, sha256 of the degraded pixels)
 
 
 @dataclass(frozen=True)
@@ -33,10 +44,31 @@ class SamplingSettings:
     size: int = GUIDANCE_SIZE
 
 
+@dataclass(frozen=True)
+class Job:
+    """One distinct degraded content to sample, and every (split, row) that holds it."""
+
+    key: str                     # sha256 hex of the degraded pixels: content address and noise id
+    targets: tuple[Row, ...]
+
+
+@dataclass
+class Plan:
+    jobs: list[Job]              # contents to sample
+    copies: list[tuple[Row, Row]]  # (source, target): guidance already present for the same pixels
+    skipped: int                 # images already done
+
+    @property
+    def todo(self) -> int:
+        return sum(len(j.targets) for j in self.jobs) + len(self.copies)
+
+
 @dataclass
 class GenerateSummary:
     group: str = ""
-    done: int = 0
+    done: int = 0                # images whose guidance this run wrote (sampled or copied)
+    sampled: int = 0             # distinct contents this run sampled
+    copied: int = 0              # images filled by copying guidance of equal pixels
     skipped: int = 0
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -50,18 +82,28 @@ class GenerateSummary:
 def guidance_fingerprint(model_fingerprint: Mapping[str, Any], settings: SamplingSettings) -> dict:
     """The store fingerprint: the models' (see ``pipeline.models.fingerprint``) plus sampling settings."""
     fp = {("model_seed" if k == "seed" else k): v for k, v in model_fingerprint.items()}
-    fp.update(steps=settings.steps, scale=float(settings.scale), seed=settings.seed, layout=settings.layout)
+    fp.update(steps=settings.steps, scale=float(settings.scale), seed=settings.seed, layout=settings.layout,
+              noise=NOISE)
     return fp
 
 
-def plan(gs: GuidanceSet, splits: Sequence[str], limit: int | None) -> tuple[list[tuple[str, int]], int]:
-    """(split, row) pairs still to generate (at most ``limit``), and how many are already done."""
-    todo, skipped = [], 0
+def plan(gs: GuidanceSet, splits: Sequence[str], limit: int | None) -> Plan:
+    """What is left to do in ``splits`` (at most ``limit`` images): copies, distinct contents to sample."""
+    todo: list[Row] = []
+    done = {}
     for split in splits:
-        done = gs.done(split)
-        skipped += int(done.sum())
-        todo += [(split, int(i)) for i in np.flatnonzero(~done)]
-    return (todo[:limit] if limit is not None else todo), skipped
+        done[split] = gs.done(split) if split in gs.group else np.zeros(len(gs.store[split]), bool)
+        todo += [(split, int(i)) for i in np.flatnonzero(~done[split])]
+    skipped = sum(int(d.sum()) for d in done.values())
+    todo = todo[:limit] if limit is not None else todo
+    index = content_index(gs, done)
+    copies, jobs = [], []
+    for sha, rows in rows_by_content(gs.store, todo).items():
+        if sha in index:
+            copies += [(index[sha], r) for r in rows]
+        else:
+            jobs.append(Job(sha.hex(), tuple(rows)))
+    return Plan(jobs, copies, skipped)
 
 
 def open_for_generation(url: str, dataset: str, root: str | None, splits: Sequence[str] | None,
@@ -88,6 +130,78 @@ def open_for_generation(url: str, dataset: str, root: str | None, splits: Sequen
     return store, list(splits) if splits else store.splits
 
 
+# ---- the pieces of one batch, shared by the local loop and the dask tasks -------------------------------
+def select(gs: GuidanceSet, jobs: Sequence[Job], token: str, respect_claims: bool) -> tuple[list[Job], list[Job]]:
+    """Right before sampling: drop targets done meanwhile; (jobs to sample now, jobs claimed by others)."""
+    rows = [r for j in jobs for r in j.targets]
+    present = {r for r, there in zip(rows, claims.exists(gs, rows)) if there and _readable(gs, r)}
+    jobs = [Job(j.key, tuple(r for r in j.targets if r not in present)) for j in jobs]
+    jobs = [j for j in jobs if j.targets]
+    if not respect_claims or not jobs:
+        return jobs, []
+    rows = [r for j in jobs for r in j.targets]
+    taken = dict(zip(rows, claims.claimed_by_others(gs, rows, token)))
+    deferred = [j for j in jobs if any(taken[r] for r in j.targets)]
+    ready = [j for j in jobs if not any(taken[r] for r in j.targets)]
+    claims.claim(gs, [r for j in ready for r in j.targets], token)
+    return ready, deferred
+
+
+def _readable(gs: GuidanceSet, row: Row) -> bool:
+    """A chunk that exists is done only if its checksum passes (a truncated one is regenerated)."""
+    try:
+        gs.group[row[0]][row[1]]
+        return True
+    except Exception:
+        return False
+
+
+def read_images(views: Mapping[str, Split], jobs: Sequence[Job]) -> list[np.ndarray]:
+    """Degraded images (H, W, 3) uint8 of each job (from its first target)."""
+    return [_rgb8(views[j.targets[0][0]].read_lq(j.targets[0][1])) for j in jobs]
+
+
+def sample(pipe, images: Sequence[np.ndarray], jobs: Sequence[Job], settings: SamplingSettings) -> np.ndarray:
+    """(B, S, S, 3) uint8 guidance; noise from (seed, content hash)."""
+    return pipe(list(images), [j.key for j in jobs], steps=settings.steps, scale=settings.scale,
+                seed=settings.seed, layout=settings.layout, size=settings.size)
+
+
+def write_jobs(gs: GuidanceSet, jobs: Sequence[Job], images: np.ndarray) -> int:
+    """Write each job's guidance to all its targets, then drop their claims; returns images written."""
+    n = 0
+    for job, img in zip(jobs, images, strict=True):
+        for s, i in job.targets:
+            gs.write(s, i, img)
+            n += 1
+    claims.release(gs, [r for j in jobs for r in j.targets])
+    return n
+
+
+def batches_in_random_order(jobs: Sequence[Job], batch_size: int, rng: random.Random | None = None) -> list[list[Job]]:
+    """Batches of ``batch_size`` jobs, shuffled so concurrent writers start in different places."""
+    batches = [list(jobs[k:k + batch_size]) for k in range(0, len(jobs), batch_size)]
+    (rng or random.Random()).shuffle(batches)
+    return batches
+
+
+def copy_all(gs: GuidanceSet, copies: Sequence[tuple[Row, Row]]) -> tuple[int, list[Row]]:
+    """Copy guidance of equal pixels; returns (images written, targets whose source was unreadable)."""
+    n, bad = 0, []
+    for source, target in copies:
+        if copy_guidance(gs, source, gs, target):
+            n += 1
+        else:
+            bad.append(target)
+    return n, bad
+
+
+def _failure(views: Mapping[str, Split], job: Job, exc: BaseException) -> list[str]:
+    why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return [f"{s}/{views[s].ids[i]}: {why}" for s, i in job.targets]
+
+
+# ---- the local loop ----------------------------------------------------------------------------------
 def generate(store: Store, splits: Sequence[str], pipe, settings: SamplingSettings, model_fingerprint: Mapping[str, Any],
              *, batch_size: int = 8, limit: int | None = None, force: bool = False,
              progress: ProgressFn | None = None) -> GenerateSummary:
@@ -97,53 +211,69 @@ def generate(store: Store, splits: Sequence[str], pipe, settings: SamplingSettin
     ``{"event": "batch", "done": d, "failed": f, "total": n}`` after each batch is written.
     """
     gs = store.guidance_for(guidance_fingerprint(model_fingerprint, settings), size=settings.size, force=force)
-    todo, skipped = plan(gs, splits, limit)
-    summary = GenerateSummary(group=gs.id, skipped=skipped, attention=getattr(pipe, "attention_backend", ""))
+    work = plan(gs, splits, limit)
+    summary = GenerateSummary(group=gs.id, skipped=work.skipped, attention=getattr(pipe, "attention_backend", ""))
     if progress:
-        progress({"event": "plan", "todo": len(todo), "skipped": skipped, "group": gs.id})
-    if not todo:
+        progress({"event": "plan", "todo": work.todo, "skipped": work.skipped, "group": gs.id})
+    if not work.todo:
         return summary
-    views = {s: store[s] for s in splits}
-    for s in {s for s, _ in todo}:
+    for s in splits:
         gs.array(s, create=True)
-    batches = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]
-
-    def read(batch):
-        return [views[s].read_lq(i) for s, i in batch]
-
-    def write(batch, images):
-        for (s, i), img in zip(batch, images):
-            gs.write(s, i, img)
-        return len(batch)
-
+    views = {s: store[s] for s in splits}
     start = time.perf_counter()
+    summary.copied, bad = copy_all(gs, work.copies)
+    summary.done = summary.copied
+    jobs = work.jobs + [Job(str(views[s].lq_sha(i).tobytes().hex()), ((s, i),)) for s, i in bad]
+
+    def tick() -> None:
+        if progress:
+            progress({"event": "batch", "done": summary.done, "failed": len(summary.failed), "total": work.todo})
+
+    tick()
+    token = claims.new_token()
+    deferred = _run(gs, views, pipe, settings, batches_in_random_order(jobs, batch_size), token, True, summary, tick)
+    _run(gs, views, pipe, settings, [deferred[k:k + batch_size] for k in range(0, len(deferred), batch_size)],
+         token, False, summary, tick)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run(gs, views, pipe, settings, batches, token, respect_claims, summary, tick) -> list[Job]:
+    """Sample ``batches`` with prefetch and write-behind threads; returns jobs deferred to other writers."""
+    deferred: list[Job] = []
+    if not batches:
+        return deferred
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        next_images: Future = reader.submit(read, batches[0])
+        next_images: Future = reader.submit(read_images, views, batches[0])
         pending: Future | None = None
         for b, batch in enumerate(batches):
-            images = next_images.result()
+            images = dict(zip([j.key for j in batch], next_images.result()))
             if b + 1 < len(batches):
-                next_images = reader.submit(read, batches[b + 1])
-            ids = [views[s].ids[i] for s, i in batch]
+                next_images = reader.submit(read_images, views, batches[b + 1])
+            ready, later = select(gs, batch, token, respect_claims)
+            deferred += later
+            if not ready:
+                continue
             try:
-                out = pipe([_rgb8(im) for im in images], ids, steps=settings.steps, scale=settings.scale,
-                           seed=settings.seed, layout=settings.layout, size=settings.size)
+                out = sample(pipe, [images[j.key] for j in ready], ready, settings)
             except (KeyboardInterrupt, MemoryError):
                 raise
             except Exception as exc:  # one bad batch does not stop the job; it is reported and retried next run
-                summary.failed += [f"{s}/{views[s].ids[i]}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                                   for s, i in batch]
+                summary.failed += [line for j in ready for line in _failure(views, j, exc)]
+                claims.release(gs, [r for j in ready for r in j.targets])
                 out = None
             if pending is not None:
                 summary.done += pending.result()
-            pending = writer.submit(write, batch, out) if out is not None else None
-            if progress:
-                progress({"event": "batch", "done": summary.done + (len(batch) if out is not None else 0),
-                          "failed": len(summary.failed), "total": len(todo)})
+            if out is not None:
+                summary.sampled += len(ready)
+                pending = writer.submit(write_jobs, gs, ready, out)
+            else:
+                pending = None
+            tick()
         if pending is not None:
             summary.done += pending.result()
-    summary.seconds = time.perf_counter() - start
-    return summary
+            tick()
+    return deferred
 
 
 def _rgb8(img: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from tdr.cache.errors import TdrError
 from tdr.guided.backbones import (BACKBONES, CheckpointMismatchError, UnknownBackboneError, build_backbone,
                                   load_backbone_checkpoint)
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 TEST_ENTRIES = [name for name in BACKBONES if name.endswith("-test")]
 FAMILIES = ["nafnet", "restormer", "promptir", "sfnet", "drsformer"]
@@ -24,15 +24,16 @@ def test_every_family_has_a_full_and_a_test_entry():
 def test_forward_any_size(name, guided):
     torch.manual_seed(0)
     model = build_backbone(name, guided=guided)
-    x, g = torch.rand(2, 3, 37, 53), torch.rand(2, 3, 64, 48)
     model.train()
-    y = model(x, g)
-    assert y.shape == x.shape and torch.isfinite(y).all()
+    y = model(torch.rand(2, 3, 19, 23), torch.rand(2, 3, 40, 30))
+    assert y.shape == (2, 3, 19, 23) and torch.isfinite(y).all()
     y.mean().backward()
     model.eval()
     with torch.no_grad():
+        y = model(torch.rand(2, 3, 37, 53), torch.rand(2, 3, 64, 48))
+        assert y.shape == (2, 3, 37, 53) and 0 <= y.min() and y.max() <= 1
         y = model(torch.rand(1, 3, 9, 30), torch.rand(1, 3, 20, 20))  # smaller than the padding multiple
-    assert y.shape == (1, 3, 9, 30) and 0 <= y.min() and y.max() <= 1
+    assert y.shape == (1, 3, 9, 30)
 
 
 @pytest.mark.parametrize("name", TEST_ENTRIES)
@@ -71,7 +72,8 @@ def test_parameter_counts_match_papers(name, paper_millions):
 def test_official_checkpoint_loads_into_guided_backbone(name, wrap):
     torch.manual_seed(1)
     official = build_backbone(name, guided=False).state_dict()
-    checkpoint = {"plain": official, "module": {f"module.{k}": v for k, v in official.items()}}.get(wrap, {wrap: official})
+    wrapped = {"plain": official, "module": {f"module.{k}": v for k, v in official.items()}}
+    checkpoint = wrapped.get(wrap, {wrap: official})
     torch.manual_seed(2)
     model = build_backbone(name, guided=True)
     agg_before = {k: v.clone() for k, v in model.agg.state_dict().items()}

@@ -165,7 +165,8 @@ class OALayer(nn.Module):
     def __init__(self, channel: int, k: int, num_ops: int):
         super().__init__()
         self.k, self.num_ops = k, num_ops
-        self.ca_fc = nn.Sequential(nn.Linear(channel, k * num_ops * 2), nn.ReLU(), nn.Linear(k * num_ops * 2, k * num_ops))
+        hidden = k * num_ops * 2
+        self.ca_fc = nn.Sequential(nn.Linear(channel, hidden), nn.ReLU(), nn.Linear(hidden, k * num_ops))
 
     def forward(self, x):
         return self.ca_fc(x.mean(dim=(-2, -1))).view(-1, self.k, self.num_ops)
