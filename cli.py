@@ -480,15 +480,13 @@ def generate_guidance(
         raise TdrError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
     with ExitStack() as stack:
         if workers or scheduler:  # models load once per dask worker; this process only plans and reports
-            import os
-
             from distributed import Client
 
             from .pipeline.distributed import ModelSpec, generate_distributed, load_on_workers, local_cluster
 
             spec = ModelSpec(sd_model, clip_model, str(mapper) if mapper else None, str(cleaner) if cleaner else None,
                              preset, device, DTYPES[dtype] if dtype else None, allow_untrained, compile,
-                             None if scheduler else max(1, (os.cpu_count() or 1) // max(workers, 1)))
+                             None if scheduler else torch.get_num_threads())  # CPU: same threads, same bits
             client = stack.enter_context(Client(scheduler) if scheduler else Client(stack.enter_context(local_cluster(workers))))
             model_fp = load_on_workers(client, spec)
             run = functools.partial(generate_distributed, client, spec, store, storage_options=options,

@@ -244,7 +244,8 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
             gt = batch["gt"].to(device, non_blocking=True)
             with autocast:
                 if guided:
-                    out = net(lq, batch["guidance"].to(device, non_blocking=True), box=crop_boxes(layout, batch, device))
+                    guide = batch["guidance"].to(device, non_blocking=True)
+                    out = net(lq, guide, box=crop_boxes(layout, batch, device))
                 else:
                     out = net(lq)
             loss = F.l1_loss(out.float(), gt)
