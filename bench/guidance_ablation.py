@@ -36,44 +36,11 @@ from tdr.guided.aggregation import input_to_guidance
 from tdr.guided.backbones import load_backbone_checkpoint
 from tdr.guided.checkpoint import build_model, load_file
 from tdr.guided.config import EvalConfig, TrainConfig
-from tdr.guided.data import layout_square
+from tdr.guided.synthetic import make_guidance
 from tdr.guided.evaluate import evaluate, load_run, restore, to_tensor
 from tdr.guided.train import train
 
 SECTION = "## Guidance ablation (demo, CPU)"
-
-
-# -- 1. aligned-content guidance ---------------------------------------------------------------------
-def aligned_content(gt: np.ndarray, rng: np.random.Generator, shift: float) -> tuple[np.ndarray, dict]:
-    """Clean frame moved by A(q) = s·(q − c) + c + d (content at q appears at A(q)), colour-jittered,
-    then laid out as "center" guidance (512²). Returns (guidance uint8, {"s", "dy", "dx"})."""
-    h, w = gt.shape[:2]
-    s = float(rng.uniform(0.96, 1.04))
-    dy, dx = (float(v) for v in rng.uniform(-shift, shift, 2))
-    c = np.array([(h - 1) / 2, (w - 1) / 2])
-    # output pixel p samples input q = A⁻¹(p) = (p − c − d)/s + c  (scipy: q = M·p + offset)
-    offset = c - (c + np.array([dy, dx])) / s
-    moved = np.stack([ndimage.affine_transform(gt[..., k].astype(np.float32), np.eye(2) / s, offset=offset,
-                                               order=1, mode="reflect") for k in range(3)], -1)
-    gain, bias = rng.uniform(0.9, 1.1, 3), rng.uniform(-8, 8, 3)
-    moved = np.clip(moved * gain + bias, 0, 255).round().astype(np.uint8)
-    return layout_square(moved, 512, "center"), {"s": s, "dy": dy, "dx": dx}
-
-
-def make_guidance(url: str, folder: Path, shift: float, seed: int) -> dict:
-    store = open_store(url, "a")
-    truth = {}
-    for split in ("train", "test"):
-        sp = store[split]
-        rng = np.random.default_rng([seed, split == "test"])
-        out = folder / split
-        out.mkdir(parents=True, exist_ok=True)
-        for i, image_id in enumerate(sp.ids):
-            guide, t = aligned_content(sp.read_gt(i), rng, shift)
-            Image.fromarray(guide).save(out / f"{image_id.replace('/', '_')}.png")
-            truth[image_id] = t
-        import_guidance(store, split, out)
-    return truth
 
 
 # -- 4. match accuracy ---------------------------------------------------------------------------------
@@ -116,6 +83,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--agg-lr", type=float, default=5e-4)
+    ap.add_argument("--alpha-lr", type=float, default=None, help="lr of the fusion gates α (default: --agg-lr)")
     ap.add_argument("--shift", type=float, default=12.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -133,7 +101,7 @@ def main() -> None:
     truth = json.loads((work / "truth.json").read_text())
 
     common = dict(backbone=args.backbone, store=url, patch=args.patch, batch_size=args.batch_size, lr=args.lr,
-                  agg_lr=args.agg_lr, seed=args.seed, val_every=0)
+                  agg_lr=args.agg_lr, alpha_lr=args.alpha_lr, seed=args.seed, val_every=0)
 
     def run(name: str, **kw) -> dict:
         out = work / "runs" / name

@@ -47,6 +47,8 @@ class AggregationConfig:
     layout: str = "center"  # what the guidance shows when no box is given: "center" square or "full" frame
     search: str = "prior"  # "prior": windows around the expected location; "global": paper's coarse search
     radius: int = 3  # prior search: max |displacement| in match-level cells (Chebyshev)
+    penalty: float = 0.0  # prior search: cosine − penalty·|displacement| (cells, Euclidean): prefer the prior
+    centre: bool = False  # match on features minus their per-channel mean over the image (NCC-like)
     block_size: int = 8  # block side at the match level (paper: 8)
     window_scale: float = 1.5  # global search: window diameter 2·⌊(W_g / (2·blocks_x))·scale⌋ + 1
     dilations: tuple[int, ...] = (1, 2, 3)  # global coarse search: dilations of the block descriptor
@@ -251,7 +253,9 @@ class DynamicAggregation(nn.Module):
                 centres = _coarse_search(fxm, fgm, cfg.block_size, cfg.dilations, cfg.chunk_elements)
                 origins, win = _global_windows(centres, *fgm.shape[-2:], cfg.window_scale)
                 limit = None
-            q = _fine_search(fxm, fgm, origins, win, cfg.block_size, limit, cfg.chunk_elements)
+            mx, mg = (fxm - fxm.mean((2, 3), keepdim=True), fgm - fgm.mean((2, 3), keepdim=True)) if cfg.centre else (fxm, fgm)
+            q = _fine_search(mx, mg, origins, win, cfg.block_size, limit, cfg.chunk_elements,
+                             cfg.penalty if cfg.search == "prior" else 0.0)
         score = _patch_cosine(fxm, fgm, q)  # (B,1,h,w), differentiable w.r.t. both feature maps
 
         p = _grid(h, w, x.device)  # (1,2,h,w) cell indices
@@ -362,11 +366,12 @@ def _prior_windows(B, h, w, hg, wg, k, r, device):
     return origins.expand(B, nby, nbx, 2), (dy, dx)
 
 
-def _fine_search(fx, fg, origins, win, k, limit, budget) -> torch.Tensor:
+def _fine_search(fx, fg, origins, win, k, limit, budget, penalty: float = 0.0) -> torch.Tensor:
     """Every X position's best 3×3-patch cosine match inside its block's window of G.
 
     fx (B,C,h,w), fg (B,C,hg,wg), origins (B,nby,nbx,2) top-left of each block's window, win (dy,dx).
-    ``limit``: if set, candidates further than ``limit`` (Chebyshev) from the position are excluded.
+    ``limit``: if set, candidates further than ``limit`` (Chebyshev) from the position are excluded, and
+    ``penalty`` · (Euclidean distance in cells) is subtracted from each candidate's cosine.
     Patch dot products come from one per-pixel correlation per block (bmm) summed along the 3×3
     diagonal, so a block costs (k+2)²·(dy+2)·(dx+2)·C multiply-adds. Returns (B,2,h,w) long in G.
     """
@@ -406,9 +411,12 @@ def _fine_search(fx, fg, origins, win, k, limit, budget) -> torch.Tensor:
             px = bx[s:s + nc, None] + ik
             qy = o[..., 0, None] + torch.arange(dy, device=dev)  # (B,nc,dy)
             qx = o[..., 1, None] + torch.arange(dx, device=dev)
-            oky = (qy[:, :, None, :] - py[None, :, :, None]).abs() <= limit  # (B,nc,k,dy)
-            okx = (qx[:, :, None, :] - px[None, :, :, None]).abs() <= limit
-            ok = oky[:, :, :, None, :, None] & okx[:, :, None, :, None, :]
+            ddy = (qy[:, :, None, :] - py[None, :, :, None]).abs()  # (B,nc,k,dy)
+            ddx = (qx[:, :, None, :] - px[None, :, :, None]).abs()
+            ok = (ddy <= limit)[:, :, :, None, :, None] & (ddx <= limit)[:, :, None, :, None, :]
+            if penalty:
+                dist = (ddy[:, :, :, None, :, None].float() ** 2 + ddx[:, :, None, :, None, :].float() ** 2).sqrt()
+                cos = cos - penalty * dist
             cos = cos.masked_fill(~ok, float("-inf"))
         j = cos.reshape(B, nc, k, k, dy * dx).argmax(-1)  # (B,nc,k,k)
         out.append(torch.stack([o[..., 0, None, None] + j // dx, o[..., 1, None, None] + j % dx], 2))

@@ -59,6 +59,7 @@ class TrainConfig:
     batch_size: int = 4  # per process (global batch = batch_size · world size)
     lr: float | None = None  # backbone lr; None: the paper's for this backbone (SPEC §6)
     agg_lr: float | None = None  # aggregation lr; None: the paper's (about half the backbone's)
+    alpha_lr: float | None = None  # lr of the fusion gates α (eq. 4, init 0); None: the aggregation lr
     weight_decay: float = 1e-4  # AdamW
     betas: tuple[float, float] = (0.9, 0.999)
     eta_min: float = 1e-7  # cosine schedule floor

@@ -198,8 +198,14 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         model.to(device).train()
         lr, agg_lr = config.lrs
         groups = [{"params": model.backbone_parameters(), "lr": lr}]
-        if model.aggregation_parameters():
-            groups.append({"params": model.aggregation_parameters(), "lr": agg_lr})
+        # α of eq. 4 starts at 0 and gates everything the guidance contributes; Adam moves a parameter by
+        # about its lr per step, so α gets its own lr (else a short run never opens the gate)
+        gates = [p for n, p in model.named_parameters() if n.startswith("agg.") and n.endswith(".alpha")]
+        rest = [p for p in model.aggregation_parameters() if all(p is not g for g in gates)]
+        if rest:
+            groups.append({"params": rest, "lr": agg_lr})
+        if gates:
+            groups.append({"params": gates, "lr": agg_lr if config.alpha_lr is None else config.alpha_lr})
         opt = torch.optim.AdamW(groups, betas=config.betas, weight_decay=config.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iters, eta_min=config.eta_min)
         ema = EMA(model, config.ema) if config.ema else None

@@ -1,0 +1,83 @@
+"""Project structure: import rules between the halves, the Dockerfile, every command's help."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tdr.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules(folder: Path) -> dict[str, set[str]]:
+    """Module names each file of ``folder`` imports (absolute, or relative resolved against tdr)."""
+    found = {}
+    for path in folder.rglob("*.py"):
+        names = set()
+        package = ["tdr", *path.relative_to(ROOT).with_suffix("").parts[:-1]]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package[: len(package) - node.level + 1]
+                    names.add(".".join(base + ([node.module] if node.module else [])))
+                else:
+                    names.add(node.module or "")
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_guided_never_imports_diffusers_or_pipeline():
+    for path, names in imported_modules(ROOT / "guided").items():
+        bad = {n for n in names if n.split(".")[0] == "diffusers" or n.startswith("tdr.pipeline")}
+        assert not bad, f"{path} imports {bad}"
+
+
+def test_pipeline_never_imports_guided():
+    for path, names in imported_modules(ROOT / "pipeline").items():
+        assert not {n for n in names if n.startswith("tdr.guided")}, path
+
+
+def test_training_process_never_loads_diffusers():
+    code = ("import sys, tdr.guided.train, tdr.guided.evaluate, tdr.guided.data, tdr.cache.ingest;"
+            "print('diffusers' in sys.modules, 'tdr.pipeline' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_dockerfile_structure():
+    text = (ROOT / "Dockerfile").read_text()
+    lines = [l for l in text.splitlines() if l.strip() and not l.lstrip().startswith("#")]
+    assert re.match(r"FROM nvidia/cuda:[\w.\-]+-runtime", lines[0])
+    assert any("download.pytorch.org/whl/cu" in l for l in lines), "CUDA build of torch"
+    assert re.search(r'pip install "\.\[gpu,remote\]"', text)
+    assert 'ENTRYPOINT ["tdr"]' in lines
+    for copied in ("pyproject.toml", "cli.py", "cache", "pipeline", "guided"):
+        assert any(l.startswith("COPY") and copied in l for l in lines), copied
+
+
+def _commands(group, prefix=()):
+    import typer.main
+
+    click_group = typer.main.get_command(group)
+    for name, cmd in click_group.commands.items():
+        if hasattr(cmd, "commands"):
+            for sub in cmd.commands:
+                yield (*prefix, name, sub)
+        else:
+            yield (*prefix, name)
+
+
+@pytest.mark.parametrize("command", list(_commands(app)), ids=" ".join)
+def test_every_command_help_has_summary_and_example(command):
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Example: tdr " in result.output
