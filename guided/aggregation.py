@@ -46,13 +46,15 @@ class AggregationConfig:
     encoder_blocks: int = 1  # residual blocks per encoder level
     layout: str = "center"  # what the guidance shows when no box is given: "center" square or "full" frame
     search: str = "prior"  # "prior": windows around the expected location; "global": paper's coarse search
-    radius: int = 3  # prior search: max |displacement| in match-level cells (Chebyshev)
-    penalty: float = 0.0  # prior search: cosine − penalty·|displacement| (cells, Euclidean): prefer the prior
-    centre: bool = False  # match on features minus their per-channel mean over the image (NCC-like)
+    # prior search defaults, tuned on the demo ablation (bench/guidance_ablation.py, BENCHMARKS.md): match at
+    # 1/4 scale within ±4 cells (±16 px), centred features, a small pull towards the expected location
+    radius: int = 4  # prior search: max |displacement| in match-level cells (Chebyshev)
+    penalty: float = 0.02  # prior search: cos − penalty·|displacement|·(1 − cos) (cells): prefer the prior unless sure
+    centre: bool = True  # match on features minus their per-channel mean over the image (NCC-like)
     block_size: int = 8  # block side at the match level (paper: 8)
     window_scale: float = 1.5  # global search: window diameter 2·⌊(W_g / (2·blocks_x))·scale⌋ + 1
     dilations: tuple[int, ...] = (1, 2, 3)  # global coarse search: dilations of the block descriptor
-    match_level: int | None = None  # encoder level matched on; None: the coarsest (paper)
+    match_level: int | None = None  # encoder level matched on; None: 1/4 scale (prior), the coarsest (global, paper)
     alpha_init: float = 0.0  # α of eq. 4 (per channel); 0 leaves a (pretrained) backbone unchanged
     rescale_guidance: bool = True  # global search: resize G to the input's scale (from the box) first
     checkpoint_fusion: bool = False  # training: recompute fusion blocks in backward instead of storing
@@ -174,7 +176,8 @@ class DynamicAggregation(nn.Module):
             raise ValueError(f"fuse must be one of {', '.join(FUSE_MODES)}, not {fuse!r}")
         self.config = config = config or AggregationConfig()
         self.levels = levels
-        self.match_level = levels if config.match_level is None else config.match_level
+        default_level = min(2, levels) if config.search == "prior" else levels
+        self.match_level = default_level if config.match_level is None else config.match_level
         if not 0 <= self.match_level <= levels:
             raise ValueError(f"match_level must be in 0..{levels}, not {config.match_level}")
         nf = config.nf or max(8, width // 2)
@@ -371,7 +374,7 @@ def _fine_search(fx, fg, origins, win, k, limit, budget, penalty: float = 0.0) -
 
     fx (B,C,h,w), fg (B,C,hg,wg), origins (B,nby,nbx,2) top-left of each block's window, win (dy,dx).
     ``limit``: if set, candidates further than ``limit`` (Chebyshev) from the position are excluded, and
-    ``penalty`` · (Euclidean distance in cells) is subtracted from each candidate's cosine.
+    ``penalty`` · (Euclidean distance in cells) · (1 − cosine) is subtracted from each candidate's cosine.
     Patch dot products come from one per-pixel correlation per block (bmm) summed along the 3×3
     diagonal, so a block costs (k+2)²·(dy+2)·(dx+2)·C multiply-adds. Returns (B,2,h,w) long in G.
     """
@@ -416,7 +419,7 @@ def _fine_search(fx, fg, origins, win, k, limit, budget, penalty: float = 0.0) -
             ok = (ddy <= limit)[:, :, :, None, :, None] & (ddx <= limit)[:, :, None, :, None, :]
             if penalty:
                 dist = (ddy[:, :, :, None, :, None].float() ** 2 + ddx[:, :, None, :, None, :].float() ** 2).sqrt()
-                cos = cos - penalty * dist
+                cos = cos - penalty * dist * (1 - cos)  # the pull fades as the match becomes exact
             cos = cos.masked_fill(~ok, float("-inf"))
         j = cos.reshape(B, nc, k, k, dy * dx).argmax(-1)  # (B,nc,k,k)
         out.append(torch.stack([o[..., 0, None, None] + j // dx, o[..., 1, None, None] + j % dx], 2))
