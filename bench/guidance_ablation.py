@@ -26,12 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from scipy import ndimage
 
 from tdr.cache import open_store
 from tdr.cache.ingest import ingest
-from tdr.cache.transfer import import_guidance
 from tdr.guided.aggregation import input_to_guidance
 from tdr.guided.backbones import load_backbone_checkpoint
 from tdr.guided.checkpoint import build_model, load_file

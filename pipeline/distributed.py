@@ -25,8 +25,8 @@ from typing import Any, Mapping, Sequence
 from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from ..cache import claims, open_store
-from .generate import (GenerateSummary, Job, ProgressFn, SamplingSettings, batches_in_random_order, copy_all,
-                       guidance_fingerprint, plan, read_images, sample, select, write_jobs)
+from .generate import (GenerateSummary, Job, ProgressFn, SamplingSettings, batches_in_random_order, begin, copy_all,
+                       read_images, sample, select, write_jobs)
 
 PLUGIN_NAME = "tdr-guidance-models"
 ZARR_CONCURRENCY = 4  # per worker; total store I/O ≈ workers × this (STACK.md: zarr's default is 10 per process)
@@ -148,15 +148,10 @@ def generate_distributed(client: Client, spec: ModelSpec, url: str, splits: Sequ
     """
     model_fp = dict(model_fingerprint) if model_fingerprint is not None else load_on_workers(client, spec)
     store = open_store(url, "a", storage_options)
-    gs = store.guidance_for(guidance_fingerprint(model_fp, settings), size=settings.size, force=force)
-    work = plan(gs, splits, limit)
-    summary = GenerateSummary(group=gs.id, skipped=work.skipped, attention="dask")
-    if progress:
-        progress({"event": "plan", "todo": work.todo, "skipped": work.skipped, "group": gs.id})
+    gs, work, summary = begin(store, splits, settings, model_fp, limit=limit, force=force, attention="dask",
+                              progress=progress)
     if not work.todo:
         return summary
-    for s in splits:
-        gs.array(s, create=True)
     start = time.perf_counter()
     summary.copied, bad = copy_all(gs, work.copies)
     summary.done = summary.copied

@@ -201,6 +201,21 @@ def _failure(views: Mapping[str, Split], job: Job, exc: BaseException) -> list[s
     return [f"{s}/{views[s].ids[i]}: {why}" for s, i in job.targets]
 
 
+def begin(store: Store, splits: Sequence[str], settings: SamplingSettings, model_fingerprint: Mapping[str, Any], *,
+          limit: int | None, force: bool, attention: str, progress: ProgressFn | None):
+    """Shared start of the local and the distributed run: the guidance group (refused if the store holds
+    other settings), the plan, an empty summary, the ``plan`` progress event, the split arrays."""
+    gs = store.guidance_for(guidance_fingerprint(model_fingerprint, settings), size=settings.size, force=force)
+    work = plan(gs, splits, limit)
+    summary = GenerateSummary(group=gs.id, skipped=work.skipped, attention=attention)
+    if progress:
+        progress({"event": "plan", "todo": work.todo, "skipped": work.skipped, "group": gs.id})
+    if work.todo:
+        for s in splits:
+            gs.array(s, create=True)
+    return gs, work, summary
+
+
 # ---- the local loop ----------------------------------------------------------------------------------
 def generate(store: Store, splits: Sequence[str], pipe, settings: SamplingSettings, model_fingerprint: Mapping[str, Any],
              *, batch_size: int = 8, limit: int | None = None, force: bool = False,
@@ -210,15 +225,10 @@ def generate(store: Store, splits: Sequence[str], pipe, settings: SamplingSettin
     ``progress`` receives dicts: ``{"event": "plan", "todo": n, "skipped": k}``, then
     ``{"event": "batch", "done": d, "failed": f, "total": n}`` after each batch is written.
     """
-    gs = store.guidance_for(guidance_fingerprint(model_fingerprint, settings), size=settings.size, force=force)
-    work = plan(gs, splits, limit)
-    summary = GenerateSummary(group=gs.id, skipped=work.skipped, attention=getattr(pipe, "attention_backend", ""))
-    if progress:
-        progress({"event": "plan", "todo": work.todo, "skipped": work.skipped, "group": gs.id})
+    gs, work, summary = begin(store, splits, settings, model_fingerprint, limit=limit, force=force,
+                              attention=getattr(pipe, "attention_backend", ""), progress=progress)
     if not work.todo:
         return summary
-    for s in splits:
-        gs.array(s, create=True)
     views = {s: store[s] for s in splits}
     start = time.perf_counter()
     summary.copied, bad = copy_all(gs, work.copies)
