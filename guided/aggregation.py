@@ -49,7 +49,7 @@ class AggregationConfig:
     # prior search defaults, tuned on the demo ablation (bench/guidance_ablation.py, BENCHMARKS.md): match at
     # 1/4 scale within ±4 cells (±16 px), centred features, a small pull towards the expected location
     radius: int = 4  # prior search: max |displacement| in match-level cells (Chebyshev)
-    penalty: float = 0.02  # prior search: cos − penalty·|displacement|·(1 − cos) (cells): prefer the prior unless sure
+    penalty: float = 0.02  # prior search: cosine − penalty·|displacement| (cells, Euclidean): prefer the prior
     centre: bool = True  # match on features minus their per-channel mean over the image (NCC-like)
     block_size: int = 8  # block side at the match level (paper: 8)
     window_scale: float = 1.5  # global search: window diameter 2·⌊(W_g / (2·blocks_x))·scale⌋ + 1
@@ -374,7 +374,7 @@ def _fine_search(fx, fg, origins, win, k, limit, budget, penalty: float = 0.0) -
 
     fx (B,C,h,w), fg (B,C,hg,wg), origins (B,nby,nbx,2) top-left of each block's window, win (dy,dx).
     ``limit``: if set, candidates further than ``limit`` (Chebyshev) from the position are excluded, and
-    ``penalty`` · (Euclidean distance in cells) · (1 − cosine) is subtracted from each candidate's cosine.
+    ``penalty`` · (Euclidean distance in cells) is subtracted from each candidate's cosine.
     Patch dot products come from one per-pixel correlation per block (bmm) summed along the 3×3
     diagonal, so a block costs (k+2)²·(dy+2)·(dx+2)·C multiply-adds. Returns (B,2,h,w) long in G.
     """
@@ -419,7 +419,7 @@ def _fine_search(fx, fg, origins, win, k, limit, budget, penalty: float = 0.0) -
             ok = (ddy <= limit)[:, :, :, None, :, None] & (ddx <= limit)[:, :, None, :, None, :]
             if penalty:
                 dist = (ddy[:, :, :, None, :, None].float() ** 2 + ddx[:, :, None, :, None, :].float() ** 2).sqrt()
-                cos = cos - penalty * dist * (1 - cos)  # the pull fades as the match becomes exact
+                cos = cos - penalty * dist
             cos = cos.masked_fill(~ok, float("-inf"))
         j = cos.reshape(B, nc, k, k, dy * dx).argmax(-1)  # (B,nc,k,k)
         out.append(torch.stack([o[..., 0, None, None] + j // dx, o[..., 1, None, None] + j % dx], 2))

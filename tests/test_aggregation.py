@@ -73,7 +73,7 @@ def test_shifted_guidance_gives_the_shift(search):
         pulled.prepare(x, g, (H, W))
         pm = pulled.last_matches
         inner = interior(pm, (H, W), 32) & pm.valid
-        assert share_within(pm, truth, 1e-3, inner) > 0.85
+        assert share_within(pm, truth, 1e-3, inner) > 0.8
         moved = (pm.g_yx - pm.x_yx).abs().amax(1, keepdim=True)
         assert bool((moved[inner] <= 12.0 + 1e-3).all())
 
