@@ -67,7 +67,7 @@ def match_accuracy(model, url: str, truth: dict, tolerances=(4, 8, 16), limit: i
         hits_id += np.array([int(((err_id <= tol) & valid).sum()) for tol in tolerances])
     share = {f"within_{tol}px": float(hv / max(total, 1)) for tol, hv in zip(tolerances, hits)}
     share_id = {f"identity_{tol}px": float(hv / max(total, 1)) for tol, hv in zip(tolerances, hits_id)}
-    return share | share_id | {"cells": total}
+    return share | share_id | {"cells": total, "stride": int(model.agg.last_matches.stride)}
 
 
 def main() -> None:
@@ -140,7 +140,7 @@ def render(args, results, match_init, match_trained, alphas, total) -> str:
     return f"""{SECTION}
 
 `python bench/guidance_ablation.py --base-iters {args.base_iters} --iters {args.iters} --patch {args.patch} \
---batch-size {args.batch_size}` ({args.backbone}, lr {args.lr:g} / aggregation {args.agg_lr:g}, seed {args.seed},
+--batch-size {args.batch_size}` ({args.backbone}, lr {args.lr:g} / aggregation {args.agg_lr:g} / gates α {args.alpha_lr:g}, seed {args.seed},
 {args.threads} threads; {total / 60:.1f} min for this invocation, runs already in `--work` are reused). Demo set: 48 train / 12 test images; guidance =
 the clean image shifted ≤ {args.shift:g} px, rescaled ±4 %, colour-jittered, laid out like "center"
 guidance (512²). Test PSNR on the first {args.eval_images} full test images; the degraded inputs score {results['baseline']['input']:.2f} dB.
@@ -152,7 +152,7 @@ The three continuations start from the baseline (`--init`) and get the same extr
 
 Matching on the first {args.eval_images} test images (share of match cells whose matched guidance location
 is within 4 / 8 / 16 input pixels of the true one; {match_init['cells']} cells; matching runs on the
-coarsest level, 16 px per cell): at initialisation {match_init['within_4px']:.0%} / {match_init['within_8px']:.0%} /
+{match_init['stride']} px cells, prior search): at initialisation {match_init['within_4px']:.0%} / {match_init['within_8px']:.0%} /
 {match_init['within_16px']:.0%}, after the guided run {match_trained['within_4px']:.0%} /
 {match_trained['within_8px']:.0%} / {match_trained['within_16px']:.0%}; taking no match at all (each cell reads the
 guidance at its own place through the layout box) scores {match_init['identity_4px']:.0%} /
