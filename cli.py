@@ -313,6 +313,25 @@ def cache_merge(src: str = typer.Argument(..., help="Store to copy guidance from
                   f"run 'tdr cache verify {src}'.", highlight=False)
 
 
+def _loss_progress(update: Callable[..., None], label: str, *, total: str, val_event: str,
+                   val_text: Callable[[dict], str], start_text: Callable[[dict], str]) -> Callable[[dict], None]:
+    """A trainer's progress callback for the bar: "start", "step" (loss smoothed over ~10 steps) and the
+    trainer's validation event; ``total`` names the event field holding the number of steps."""
+    state: dict = {"loss": None, "val": ""}
+
+    def report(event: dict) -> None:
+        if event["event"] == "start":
+            update(event["step"], event[total], f"{label} {start_text(event)}")
+        elif event["event"] == "step":
+            loss = event["loss"]
+            state["loss"] = loss if state["loss"] is None else 0.9 * state["loss"] + 0.1 * loss
+            update(event["step"], event[total], f"{label}  loss {state['loss']:.4f}  {state['val']}".rstrip())
+        elif event["event"] == val_event:
+            state["val"] = val_text(event)
+
+    return report
+
+
 # ------------------------------------------------------------------------------ train-mapper / train-cleaner
 def _textual_options(**given) -> dict:
     """CLI values -> TextualConfig fields (None: not given, so a resumed run keeps its saved setting)."""
@@ -333,19 +352,10 @@ def _run_textual(stage: str, given: dict) -> None:
     config = merged_config(given)
     _quiet_model_libraries()
     train = train_mapper if stage == "mapper" else train_cleaner
-    state = {"loss": None, "val": None}
     with progress_bar(f"train-{stage}") as update:
-        def report(event: dict) -> None:
-            if event["event"] == "start":
-                update(event["step"], event["steps"], f"train-{stage} ({event['device']}, {event['images']} images, "
-                                                      f"lr {event['lr']:.2e})")
-            elif event["event"] == "step":
-                state["loss"] = event["loss"] if state["loss"] is None else 0.95 * state["loss"] + 0.05 * event["loss"]
-                val = f"  val {state['val']:.4f}" if state["val"] is not None else ""
-                update(event["step"], event["steps"], f"train-{stage}  loss {state['loss']:.4f}{val}")
-            elif event["event"] == "validation":
-                state["val"] = event["loss"]
-
+        report = _loss_progress(update, f"train-{stage}", total="steps", val_event="validation",
+                                val_text=lambda e: f"val {e['loss']:.4f}",
+                                start_text=lambda e: f"({e['device']}, {e['images']} images, lr {e['lr']:.2e})")
         result = train(config, progress=report)
     table = Table(title=f"{stage} run {result.run_dir}")
     for col in ("steps", "last loss", "val loss", "lr", "time", "checkpoint"):
@@ -579,18 +589,9 @@ def train_cmd(
 
     if config.backbone not in BACKBONES:
         raise TdrError(f"Unknown backbone '{config.backbone}'; choose one of: {', '.join(BACKBONES)}.")
-    state = {"loss": None, "val": None}
     with progress_bar("train") as update:
-        def report(event: dict) -> None:
-            if event["event"] == "start":
-                update(event["step"], event["iters"], f"train ({event['device']})")
-            elif event["event"] == "step":
-                state["loss"] = event["loss"] if state["loss"] is None else 0.9 * state["loss"] + 0.1 * event["loss"]
-                val = f"  val {state['val']:.2f} dB" if state["val"] is not None else ""
-                update(event["step"], event["iters"], f"train  loss {state['loss']:.4f}{val}")
-            elif event["event"] == "val":
-                state["val"] = event["psnr"]
-
+        report = _loss_progress(update, "train", total="iters", val_event="val",
+                                val_text=lambda e: f"val {e['psnr']:.2f} dB", start_text=lambda e: f"({e['device']})")
         result = train(config, progress=report)
     table = Table(title=f"run {result.run_dir}")
     for col in ("steps", "last loss", "val PSNR", "val SSIM", "time", "checkpoint"):

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from ..aggregation import AggregationConfig
 from .common import Restorer
-from .restormer import (Downsample, LayerNorm, OverlapPatchEmbed, Upsample, channel_attention_qkv,
-                        restormer_points, transformer_stage)
+from .restormer import TransformerBlock as RestormerBlock
+from .restormer import (Downsample, OverlapPatchEmbed, Upsample, channel_attention_qkv, restormer_points,
+                        transformer_stage)
 
 TOPK_FRACTIONS = ((1, 2), (2, 3), (3, 4), (4, 5))  # k = C·num // den, as int(C·num/den) officially
 
@@ -74,20 +75,11 @@ class Attention(nn.Module):
         return self.project_out(out.reshape(x.shape))
 
 
-class TransformerBlock(nn.Module):
-    """Sparse transformer block: x + TKSA(LN(x)), then + MSFN(LN(x))."""
+class TransformerBlock(RestormerBlock):
+    """Sparse transformer block: x + TKSA(LN(x)), then + MSFN(LN(x)) (Restormer's block, other parts)."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float = 2.66, bias: bool = False,
-                 layer_norm_type: str = "WithBias"):
-        super().__init__()
-        self.norm1 = LayerNorm(dim, layer_norm_type)
-        self.attn = Attention(dim, num_heads, bias)
-        self.norm2 = LayerNorm(dim, layer_norm_type)
-        self.ffn = FeedForward(dim, ffn_expansion_factor, bias)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+    attention_cls = Attention
+    ffn_cls = FeedForward
 
 
 # -- mixture-of-experts feature compensator (MEFC) ------------------------------------------------

@@ -96,15 +96,18 @@ class Attention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """x + MDTA(LN(x)), then + GDFN(LN(x))."""
+    """x + MDTA(LN(x)), then + GDFN(LN(x)). Subclasses swap the attention/feed-forward (DRSformer)."""
+
+    attention_cls: type = Attention  # MDTA
+    ffn_cls: type = FeedForward  # GDFN
 
     def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float = 2.66, bias: bool = False,
                  layer_norm_type: str = "WithBias"):
         super().__init__()
         self.norm1 = LayerNorm(dim, layer_norm_type)
-        self.attn = Attention(dim, num_heads, bias)
+        self.attn = self.attention_cls(dim, num_heads, bias)
         self.norm2 = LayerNorm(dim, layer_norm_type)
-        self.ffn = FeedForward(dim, ffn_expansion_factor, bias)
+        self.ffn = self.ffn_cls(dim, ffn_expansion_factor, bias)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
