@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 LAYOUTS = ("center", "full")
 SEARCHES = ("prior", "global")
 FUSE_MODES = ("enc", "dec", "enc+dec")
+MATCH_FEATURES = ("encoder", "image")
 
 BlockFactory = Callable[[int, int], nn.Module]  # (channels, level) -> module mapping (B,c,h,w) to (B,c,h,w)
 
@@ -51,6 +52,9 @@ class AggregationConfig:
     radius: int = 4  # prior search: max |displacement| in match-level cells (Chebyshev)
     penalty: float = 0.02  # prior search: cosine − penalty·|displacement| (cells, Euclidean): prefer the prior
     centre: bool = True  # match on features minus their per-channel mean over the image (NCC-like)
+    match_features: str = "encoder"  # "encoder": the shared encoder's (paper); "image": image_features()
+    refine_level: int | None = None  # finest level the displacement is refined to (coarse to fine); None: none
+    vote: int = 9  # prior search: neighbourhood (cells) whose mean cosine picks the coarse displacement; ≤ 1: none
     block_size: int = 8  # block side at the match level (paper: 8)
     window_scale: float = 1.5  # global search: window diameter 2·⌊(W_g / (2·blocks_x))·scale⌋ + 1
     dilations: tuple[int, ...] = (1, 2, 3)  # global coarse search: dilations of the block descriptor
@@ -67,6 +71,8 @@ class AggregationConfig:
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, not {self.search!r}")
         if self.radius < 0 or self.block_size < 1 or self.encoder_blocks < 0 or self.chunk_elements < 1:
             raise ValueError("radius, encoder_blocks must be ≥ 0; block_size, chunk_elements ≥ 1")
+        if self.match_features not in MATCH_FEATURES:
+            raise ValueError(f"match_features must be one of {', '.join(MATCH_FEATURES)}, not {self.match_features!r}")
         if not self.dilations or min(self.dilations) < 1:
             raise ValueError(f"dilations must be positive integers, not {self.dilations}")
 
@@ -180,6 +186,10 @@ class DynamicAggregation(nn.Module):
         self.match_level = default_level if config.match_level is None else config.match_level
         if not 0 <= self.match_level <= levels:
             raise ValueError(f"match_level must be in 0..{levels}, not {config.match_level}")
+        self.refine_level = self.match_level if config.refine_level is None else config.refine_level
+        if not 0 <= self.refine_level <= self.match_level:
+            raise ValueError(f"refine_level must be in 0..{self.match_level} (the match level), "
+                             f"not {config.refine_level}")
         nf = config.nf or max(8, width // 2)
         self.encoder = SharedEncoder(levels, nf, config.encoder_blocks)
         sides = fuse.split("+")
@@ -190,8 +200,18 @@ class DynamicAggregation(nn.Module):
         self.last_matches: Matches | None = None
 
     # -- guidance geometry ------------------------------------------------------------------------
+    def _margin(self) -> int:
+        """Prior search: input pixels G's resampled frame extends past the input on each side, so that
+        positions near the input's edges (a training crop's) can match ``radius`` cells outwards; a
+        multiple of 2^levels so every level's frame lines up. 0 for the global search."""
+        if self.config.search != "prior":
+            return 0
+        mult = 2 ** self.levels
+        return -(-(self.config.radius + 1) * 2 ** self.match_level // mult) * mult
+
     def _prepare_guidance(self, guidance, box, out_hw):
-        """Prior search: G resampled into the (padded) input frame. Global: G at the input's scale."""
+        """Prior search: G resampled into the (padded) input frame grown by ``_margin()`` on each side.
+        Global: G at the input's scale."""
         mult = 2 ** self.levels
         B, _, Hg, Wg = guidance.shape
         scale = box[:, 2:] / box.new_tensor([Hg, Wg])  # input pixels per guidance pixel, (B,2)
@@ -202,8 +222,9 @@ class DynamicAggregation(nn.Module):
                 size = (max(1, round(Hg * float(s[0]))), max(1, round(Wg * float(s[1]))))
                 guidance = F.interpolate(guidance, size=size, mode="bilinear", antialias=True, align_corners=False)
             H, W = out_hw
-            ys = torch.arange(H, device=box.device, dtype=box.dtype) + 0.5
-            xs = torch.arange(W, device=box.device, dtype=box.dtype) + 0.5
+            M = self._margin()
+            ys = torch.arange(-M, H + M, device=box.device, dtype=box.dtype) + 0.5
+            xs = torch.arange(-M, W + M, device=box.device, dtype=box.dtype) + 0.5
             gy = (ys[None] - box[:, :1]) / box[:, 2:3] * 2 - 1  # (B,H) in grid_sample's [-1, 1]
             gx = (xs[None] - box[:, 1:2]) / box[:, 3:4] * 2 - 1
             grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
@@ -238,44 +259,76 @@ class DynamicAggregation(nn.Module):
         box = box.to(device=x.device, dtype=torch.float32)
         g, g_per_px = self._prepare_guidance(guidance.to(x.dtype), box, (Hp, Wp))
 
-        # 1. shared encoder (one batched call when both have the input's size)
-        if g.shape[-2:] == x.shape[-2:]:
-            fx, fg = zip(*(f.chunk(2) for f in self.encoder(torch.cat([x, g]))))
+        # 1. shared encoder, one batched call when both have the same frame. Prior search: X is encoded
+        #    inside G's frame (zeros around it, as G has outside its box) and cropped back, so both see
+        #    the same context at the edges
+        margin = self._margin()  # G's frame starts ``margin`` input pixels before X's
+        xe = F.pad(x, (margin,) * 4) if margin else x
+        if g.shape[-2:] == xe.shape[-2:]:
+            fx, fg = zip(*(f.chunk(2) for f in self.encoder(torch.cat([xe, g]))))
         else:
-            fx, fg = self.encoder(x), self.encoder(g)
+            fx, fg = self.encoder(xe), self.encoder(g)
+        if margin:
+            fx = [_crop(f, margin // 2 ** l) for l, f in enumerate(fx)]
 
-        # 2. matching on level m: windows (prior or coarse search), then fine matching in them
-        S = 2 ** m
-        fxm, fgm = fx[m], fg[m]
-        h, w = fxm.shape[-2:]
+        # 2. matching on level m (features: the shared encoder's, or image-derived; see AggregationConfig)
         with torch.no_grad():
-            if cfg.search == "prior":
-                origins, win = _prior_windows(B, h, w, *fgm.shape[-2:], cfg.block_size, cfg.radius, x.device)
-                limit = cfg.radius
+            if cfg.match_features == "image":
+                mfx = [_crop(f, margin // 2 ** l) for l, f in enumerate(image_features(xe, self.levels))]
+                mfg = image_features(g, self.levels)
             else:
-                centres = _coarse_search(fxm, fgm, cfg.block_size, cfg.dilations, cfg.chunk_elements)
-                origins, win = _global_windows(centres, *fgm.shape[-2:], cfg.window_scale)
-                limit = None
-            mx, mg = (fxm - fxm.mean((2, 3), keepdim=True), fgm - fgm.mean((2, 3), keepdim=True)) if cfg.centre else (fxm, fgm)
-            q = _fine_search(mx, mg, origins, win, cfg.block_size, limit, cfg.chunk_elements,
-                             cfg.penalty if cfg.search == "prior" else 0.0)
-        score = _patch_cosine(fxm, fgm, q)  # (B,1,h,w), differentiable w.r.t. both feature maps
+                mfx, mfg = [f.detach() for f in fx], [f.detach() for f in fg]
+            if cfg.centre:  # both minus their mean over X's frame
+                mfx = [f - f.mean((2, 3), keepdim=True) for f in mfx]
+                mfg = [f - _crop(f, margin // 2 ** l).mean((2, 3), keepdim=True) for l, f in enumerate(mfg)]
+            if cfg.search == "prior":
+                q = _prior_search(mfx[m], mfg[m], cfg.radius, cfg.vote, cfg.penalty, margin // 2 ** m)
+            else:
+                centres = _coarse_search(mfx[m], mfg[m], cfg.block_size, cfg.dilations, cfg.chunk_elements)
+                origins, win = _global_windows(centres, *mfg[m].shape[-2:], cfg.window_scale)
+                q = _fine_search(mfx[m], mfg[m], origins, win, cfg.block_size, cfg.chunk_elements)
+            # coarse to fine: each finer level refines the doubled displacement within ±1 of its cells
+            found = {m: q}
+            penalty = cfg.penalty if cfg.search == "prior" else 0.0
+            for l in range(m - 1, self.refine_level - 1, -1):
+                hl, wl = mfx[l].shape[-2:]
+                coarse = found[l + 1] - _grid(*found[l + 1].shape[-2:], x.device)
+                init = coarse.repeat_interleave(2, 2).repeat_interleave(2, 3)[..., :hl, :wl] * 2
+                found[l] = _refine(mfx[l], mfg[l], init, penalty / 2 ** (m - l), margin // 2 ** l)
+        finest = min(found)
+        # similarity scores on the shared encoder's features: differentiable w.r.t. both feature maps
+        scores = {l: _patch_cosine(fx[l], fg[l], q) for l, q in found.items()}
 
+        S = 2 ** finest
+        h, w = fx[finest].shape[-2:]
         p = _grid(h, w, x.device)  # (1,2,h,w) cell indices
         cell = p * S + (S - 1) / 2  # centre of each cell, input pixels
         valid = (cell[:, :1] < input_hw[0]) & (cell[:, 1:] < input_hw[1])
         if cfg.search == "prior":
-            y0, x0 = box[:, 0, None, None, None], box[:, 1, None, None, None]
-            inside = ((cell[:, :1] + 0.5 >= y0) & (cell[:, :1] + 0.5 <= y0 + box[:, 2, None, None, None])
-                      & (cell[:, 1:] + 0.5 >= x0) & (cell[:, 1:] + 0.5 <= x0 + box[:, 3, None, None, None]))
-            valid = valid & inside
-            score = score * inside.to(score.dtype)
-        self.last_matches = self._matches(q, cell, score, valid, box, guidance.shape[-2:], g_per_px, S)
+            for l in found:  # positions outside the guidance's box get no guidance
+                scores[l] = scores[l] * self._inside(box, fx[l].shape[-2:], 2 ** l).to(scores[l].dtype)
+            valid = valid & self._inside(box, (h, w), S)
+        self.last_matches = self._matches(found[finest] - margin // S, cell, scores[finest], valid, box,
+                                          guidance.shape[-2:], g_per_px, S)
 
-        # 3. transfer on every level a fusion point needs
+        # 3. transfer on every level a fusion point needs, from the nearest level with a displacement
+        out = []
         needed = {self.point_levels[name] for name in self.fusions}
-        disp = q - p.long()
-        return [_transfer(fg[l], disp, score, m - l) if l in needed else None for l in range(self.levels + 1)]
+        for l in range(self.levels + 1):
+            if l not in needed:
+                out.append(None)
+                continue
+            r = min(max(l, finest), m)
+            disp = found[r] - _grid(*found[r].shape[-2:], x.device)
+            out.append(_transfer(fg[l], disp, scores[r], r - l))
+        return out
+
+    @staticmethod
+    def _inside(box, hw, stride) -> torch.Tensor:
+        """(B,1,h,w) bool: the centre of each cell of a level (``stride`` input pixels) lies in ``box``."""
+        c = _grid(*hw, box.device) * stride + (stride - 1) / 2 + 0.5
+        y0, x0, bh, bw = (box[:, i, None, None, None] for i in range(4))
+        return (c[:, :1] >= y0) & (c[:, :1] <= y0 + bh) & (c[:, 1:] >= x0) & (c[:, 1:] <= x0 + bw)
 
     def _matches(self, q, cell, score, valid, box, guidance_hw, g_per_px, S) -> Matches:
         q_px = q.float() * S + (S - 1) / 2
@@ -302,6 +355,11 @@ def _pad_to(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         return x
     mode = "reflect" if ph < x.shape[-2] and pw < x.shape[-1] else "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def _crop(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(…,H,W) without ``m`` rows/columns on each side."""
+    return x[..., m:x.shape[-2] - m, m:x.shape[-1] - m] if m else x
 
 
 def _grid(h: int, w: int, device) -> torch.Tensor:
@@ -359,22 +417,10 @@ def _global_windows(centres, hg, wg, scale):
     return torch.minimum(lo.clamp_min(0), hi), (dy, dx)
 
 
-def _prior_windows(B, h, w, hg, wg, k, r, device):
-    """Prior search (G already in the input frame): each block's window = the block grown by r."""
-    nby, nbx = -(-h // k), -(-w // k)
-    dy, dx = min(hg, k + 2 * r), min(wg, k + 2 * r)
-    oy = (torch.arange(nby, device=device) * k - r).clamp(0, hg - dy)
-    ox = (torch.arange(nbx, device=device) * k - r).clamp(0, wg - dx)
-    origins = torch.stack(torch.broadcast_tensors(oy[:, None], ox[None, :]), -1)
-    return origins.expand(B, nby, nbx, 2), (dy, dx)
-
-
-def _fine_search(fx, fg, origins, win, k, limit, budget, penalty: float = 0.0) -> torch.Tensor:
+def _fine_search(fx, fg, origins, win, k, budget) -> torch.Tensor:
     """Every X position's best 3×3-patch cosine match inside its block's window of G.
 
     fx (B,C,h,w), fg (B,C,hg,wg), origins (B,nby,nbx,2) top-left of each block's window, win (dy,dx).
-    ``limit``: if set, candidates further than ``limit`` (Chebyshev) from the position are excluded, and
-    ``penalty`` · (Euclidean distance in cells) is subtracted from each candidate's cosine.
     Patch dot products come from one per-pixel correlation per block (bmm) summed along the 3×3
     diagonal, so a block costs (k+2)²·(dy+2)·(dx+2)·C multiply-adds. Returns (B,2,h,w) long in G.
     """
@@ -392,9 +438,6 @@ def _fine_search(fx, fg, origins, win, k, limit, budget, penalty: float = 0.0) -
     origins = origins.reshape(B, nb, 2)
     ay, ax = torch.arange(dy + 2, device=dev), torch.arange(dx + 2, device=dev)
     bidx = torch.arange(B, device=dev)[:, None, None, None]
-    if limit is not None:  # block-local coords of positions (p) and window cells (q), per block
-        by, bx = (torch.arange(nb, device=dev) // nbx) * k, (torch.arange(nb, device=dev) % nbx) * k
-        ik = torch.arange(k, device=dev)
     per_block = (k + 2) ** 2 * (dy + 2) * (dx + 2) * 2 + C * ((k + 2) ** 2 + (dy + 2) * (dx + 2))
     step = max(1, budget // max(1, B * per_block))
     out = []
@@ -409,36 +452,123 @@ def _fine_search(fx, fg, origins, win, k, limit, budget, penalty: float = 0.0) -
         dot = sum(corr[:, :, u:u + k, v:v + k, u:u + dy, v:v + dx] for u in range(3) for v in range(3))
         cand_norm = ng[bidx[..., None], rows[:, :, None, :dy, None], cols[:, :, None, None, :dx]]  # (B,nc,1,dy,dx)
         cos = dot / cand_norm[:, :, :, None]  # (B,nc,k,k,dy,dx); X's own norm does not change the argmax
-        if limit is not None:
-            py = by[s:s + nc, None] + ik  # (nc,k) absolute rows of the block's positions
-            px = bx[s:s + nc, None] + ik
-            qy = o[..., 0, None] + torch.arange(dy, device=dev)  # (B,nc,dy)
-            qx = o[..., 1, None] + torch.arange(dx, device=dev)
-            ddy = (qy[:, :, None, :] - py[None, :, :, None]).abs()  # (B,nc,k,dy)
-            ddx = (qx[:, :, None, :] - px[None, :, :, None]).abs()
-            ok = (ddy <= limit)[:, :, :, None, :, None] & (ddx <= limit)[:, :, None, :, None, :]
-            if penalty:
-                dist = (ddy[:, :, :, None, :, None].float() ** 2 + ddx[:, :, None, :, None, :].float() ** 2).sqrt()
-                cos = cos - penalty * dist
-            cos = cos.masked_fill(~ok, float("-inf"))
         j = cos.reshape(B, nc, k, k, dy * dx).argmax(-1)  # (B,nc,k,k)
         out.append(torch.stack([o[..., 0, None, None] + j // dx, o[..., 1, None, None] + j % dx], 2))
     q = torch.cat(out, 1).view(B, nby, nbx, 2, k, k).permute(0, 3, 1, 4, 2, 5)
     return q.reshape(B, 2, nby * k, nbx * k)[:, :, :h, :w].contiguous()
 
 
+def _prior_search(fx, fg, radius: int, vote: int, penalty: float, margin: int = 0) -> torch.Tensor:
+    """Prior search as a local cost volume: coarse displacement by a neighbourhood vote, then fine.
+
+    fx (B,C,h,w), fg (B,C,h+2·margin,w+2·margin): X's and G's features, G resampled through the box
+    into X's frame grown by ``margin`` cells on each side (G's position p + margin is X's p). For every
+    displacement d with |d|∞ ≤ ``radius`` the 3×3-patch cosine ``c_d(p)`` between X at p and G at p + d
+    is a box filter of the per-pixel products. Coarse: each position takes the d that maximises the mean
+    of ``c_d`` over its ``vote``×``vote`` neighbourhood (a block-sized template, robust where a lone 3×3
+    patch is ambiguous), minus ``penalty``·|d|; fine: the best ``c_d(p)`` − penalty·|d| with d within one
+    cell of that. Candidates outside G are excluded. Loops over displacements (at most (2r+1)² cheap
+    image-wide steps, twice), so memory stays at a few maps of (B,1,h,w). Returns (B,2,h,w) long in G.
+    """
+    B, C, h, w = fx.shape
+    R = radius
+    P = max(0, R - margin)  # zero cells added where the margin is narrower than the radius: excluded
+    o = margin + P  # index of X's position p in the padded G frame, at d = 0
+    nx = _patch_norm(fx)
+    fgp = F.pad(fg, (P, P, P, P))
+    sq = F.pad(fg.pow(2).sum(1, keepdim=True), (P, P, P, P))
+    inside = F.pad(fx.new_ones(1, 1, *fg.shape[-2:], dtype=torch.bool), (P, P, P, P))
+    ones3 = fx.new_ones(1, 1, 3, 3)
+    pad_v = vote // 2
+
+    def cosine(dy: int, dx: int):
+        # G's patch norm over the same cells as X's (X's patches end at X's edges)
+        ys, xs = slice(o + dy, o + dy + h), slice(o + dx, o + dx + w)
+        dot = F.conv2d((fx * fgp[:, :, ys, xs]).sum(1, keepdim=True), ones3, padding=1)
+        ng = F.conv2d(sq[:, :, ys, xs], ones3, padding=1).clamp_min(1e-12).sqrt()
+        return dot / (nx * ng), inside[:, :, ys, xs]
+
+    offsets = [(dy, dx) for dy in range(-R, R + 1) for dx in range(-R, R + 1)]
+    neg = torch.finfo(fx.dtype).min
+    best = fx.new_full((B, 1, h, w), neg)
+    coarse = torch.zeros(B, 2, h, w, dtype=torch.long, device=fx.device)
+    if vote > 1:
+        for dy, dx in offsets:
+            c, ok = cosine(dy, dx)
+            v = F.avg_pool2d(c * ok, vote, 1, pad_v, count_include_pad=False)
+            v = (v - penalty * (dy * dy + dx * dx) ** 0.5).masked_fill(~ok, neg)
+            take = v > best
+            best = torch.where(take, v, best)
+            coarse = torch.where(take, coarse.new_tensor([dy, dx]).view(1, 2, 1, 1), coarse)
+        best.fill_(neg)
+        fine_r = 1
+    else:
+        fine_r = R
+    disp = torch.zeros_like(coarse)
+    for dy, dx in offsets:
+        near = ((coarse[:, :1] - dy).abs() <= fine_r) & ((coarse[:, 1:] - dx).abs() <= fine_r)
+        c, ok = cosine(dy, dx)
+        v = (c - penalty * (dy * dy + dx * dx) ** 0.5).masked_fill(~(ok & near), neg)
+        take = v > best
+        best = torch.where(take, v, best)
+        disp = torch.where(take, disp.new_tensor([dy, dx]).view(1, 2, 1, 1), disp)
+    return disp + _grid(h, w, fx.device) + margin
+
+
+def image_features(img: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """Fixed matching features per level: local-contrast-normalised colour gradients of the image
+    averaged down to the level's scale, (B,6,H/2^l,W/2^l). They ignore brightness, contrast and colour
+    shifts (haze, colour casts, a generated image's palette) and average out noise and rain streaks."""
+    out = []
+    for l in range(levels + 1):
+        f = F.avg_pool2d(img, 2 ** l) if l else img
+        gy = F.pad(f[..., 1:, :] - f[..., :-1, :], (0, 0, 0, 1))
+        gx = F.pad(f[..., :, 1:] - f[..., :, :-1], (0, 1))
+        grad = torch.cat([gy, gx], 1)
+        scale = F.avg_pool2d(grad.pow(2).mean(1, keepdim=True), 9, 1, 4, count_include_pad=False).sqrt()
+        out.append(grad / (scale + 1e-3))
+    return out
+
+
+def _refine(fx, fg, init, penalty: float, margin: int = 0, radius: int = 1) -> torch.Tensor:
+    """Best 3×3-patch cosine match of every X position among ``p + init + e``, |e|∞ ≤ ``radius``,
+    minus ``penalty``·|displacement from p + margin| (the prior place); candidates outside G excluded.
+    Returns (B,2,h,w) long in G."""
+    B, C, h, w = fx.shape
+    hg, wg = fg.shape[-2:]
+    p = _grid(h, w, fx.device)
+    neg = torch.finfo(fx.dtype).min
+    best = fx.new_full((B, 1, h, w), neg)
+    out = (p + init).clamp_min(0).minimum(p.new_tensor([hg - 1, wg - 1]).view(1, 2, 1, 1))
+    for ey in range(-radius, radius + 1):
+        for ex in range(-radius, radius + 1):
+            d = init + init.new_tensor([ey, ex]).view(1, 2, 1, 1)
+            q = p + d
+            ok = (q[:, :1] >= 0) & (q[:, :1] < hg) & (q[:, 1:] >= 0) & (q[:, 1:] < wg)
+            qc = q.clamp_min(0).minimum(q.new_tensor([hg - 1, wg - 1]).view(1, 2, 1, 1))
+            v = _patch_cosine(fx, fg, qc) - penalty * (d - margin).float().pow(2).sum(1, keepdim=True).sqrt()
+            v = v.masked_fill(~ok, neg)
+            take = v > best
+            best = torch.where(take, v, best)
+            out = torch.where(take, qc, out)
+    return out
+
+
 def _patch_cosine(fx, fg, q) -> torch.Tensor:
-    """Cosine similarity (B,1,h,w) of X's 3×3 patch at each position and G's at ``q`` (B,2,h,w)."""
+    """Cosine similarity (B,1,h,w) of X's 3×3 patch at each position and G's at ``q`` (B,2,h,w); X's
+    patches end at X's edges, and G's norm is taken over the same cells."""
     B, C, h, w = fx.shape
     hg, wg = fg.shape[-2:]
     fxp, fgp = F.pad(fx, (1, 1, 1, 1)), F.pad(fg, (1, 1, 1, 1)).flatten(2)
-    dot = 0
+    sqp = F.pad(fg.pow(2).sum(1, keepdim=True), (1, 1, 1, 1)).flatten(2)
+    in_x = F.pad(fx.new_ones(1, 1, h, w), (1, 1, 1, 1))
+    dot, ng2 = 0, 0
     for u in range(3):
         for v in range(3):
-            idx = ((q[:, 0] + u) * (wg + 2) + q[:, 1] + v).view(B, 1, h * w).expand(B, C, h * w)
-            dot = dot + (fxp[:, :, u:u + h, v:v + w] * fgp.gather(2, idx).view(B, C, h, w)).sum(1, keepdim=True)
-    ng = _patch_norm(fg).flatten(2).gather(2, (q[:, 0] * wg + q[:, 1]).view(B, 1, h * w)).view(B, 1, h, w)
-    return dot / (_patch_norm(fx) * ng)
+            idx = ((q[:, 0] + u) * (wg + 2) + q[:, 1] + v).view(B, 1, h * w)
+            dot = dot + (fxp[:, :, u:u + h, v:v + w] * fgp.gather(2, idx.expand(B, C, h * w)).view(B, C, h, w)).sum(1, keepdim=True)
+            ng2 = ng2 + sqp.gather(2, idx).view(B, 1, h, w) * in_x[:, :, u:u + h, v:v + w]
+    return dot / (_patch_norm(fx) * ng2.clamp_min(1e-12).sqrt())
 
 
 def _transfer(feat, disp, score, up: int) -> torch.Tensor:

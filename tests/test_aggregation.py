@@ -128,9 +128,12 @@ def test_finer_match_level_transfers_to_coarser_levels():
     a = make_agg(levels=3, match_level=1)
     x = texture(1, 64, 64)
     aligned = a.prepare(x, x, (64, 64))
-    feats = a.encoder(x)
+    margin = a._margin()  # G (and X with it) is encoded in a frame grown by the search margin
+    assert margin > 0
+    feats = a.encoder(F.pad(x, (margin,) * 4))
     for level in range(4):  # identity match: transfer returns G's own features times the score (≈ 1)
-        assert torch.allclose(aligned[level], feats[level], atol=1e-4)
+        m = margin // 2 ** level
+        assert torch.allclose(aligned[level], feats[level][..., m:-m, m:-m], atol=1e-4)
 
 
 def test_transfer_identity_and_shift_reproduce_features():
@@ -159,30 +162,24 @@ def _cos_patch(fx, py, px, fg, qy, qx, d=1):
     return float(a @ b / (a.norm().clamp_min(1e-12) * b.norm().clamp_min(1e-12)))
 
 
-def _reference_search(fx, fg, k, dilations, mode, radius, scale=1.5):
-    """Paper's algorithm written as plain loops over blocks, positions and candidates (one sample)."""
+def _reference_search(fx, fg, k, dilations, scale=1.5):
+    """Paper's global search written as plain loops over blocks, positions and candidates (one sample)."""
     C, h, w = fx.shape
     hg, wg = fg.shape[1:]
     nby, nbx = -(-h // k), -(-w // k)
     q = torch.zeros(2, h, w, dtype=torch.long)
     for by, bx in itertools.product(range(nby), range(nbx)):
         y0, x0 = by * k, bx * k
-        if mode == "global":
-            cy, cx = y0 + (min(k, h - y0) - 1) // 2, x0 + (min(k, w - x0) - 1) // 2
-            scores = torch.tensor([[sum(_cos_patch(fx, cy, cx, fg, gy, gx, d) for d in dilations)
-                                    for gx in range(wg)] for gy in range(hg)])
-            gy, gx = divmod(int(scores.argmax()), wg)
-            dy = min(hg, 2 * int(hg / (2 * nby) * scale) + 1)
-            dx = min(wg, 2 * int(wg / (2 * nbx) * scale) + 1)
-            oy, ox = min(max(gy - dy // 2, 0), hg - dy), min(max(gx - dx // 2, 0), wg - dx)
-        else:
-            dy, dx = min(hg, k + 2 * radius), min(wg, k + 2 * radius)
-            oy, ox = min(max(y0 - radius, 0), hg - dy), min(max(x0 - radius, 0), wg - dx)
+        cy, cx = y0 + (min(k, h - y0) - 1) // 2, x0 + (min(k, w - x0) - 1) // 2
+        scores = torch.tensor([[sum(_cos_patch(fx, cy, cx, fg, gy, gx, d) for d in dilations)
+                                for gx in range(wg)] for gy in range(hg)])
+        gy, gx = divmod(int(scores.argmax()), wg)
+        dy = min(hg, 2 * int(hg / (2 * nby) * scale) + 1)
+        dx = min(wg, 2 * int(wg / (2 * nbx) * scale) + 1)
+        oy, ox = min(max(gy - dy // 2, 0), hg - dy), min(max(gx - dx // 2, 0), wg - dx)
         for py, px in itertools.product(range(y0, min(y0 + k, h)), range(x0, min(x0 + k, w))):
             best, arg = -float("inf"), None
             for ty, tx in itertools.product(range(oy, oy + dy), range(ox, ox + dx)):
-                if mode == "prior" and max(abs(ty - py), abs(tx - px)) > radius:
-                    continue
                 c = _cos_patch(fx, py, px, fg, ty, tx)
                 if c > best:
                     best, arg = c, (ty, tx)
@@ -190,33 +187,96 @@ def _reference_search(fx, fg, k, dilations, mode, radius, scale=1.5):
     return q
 
 
-@pytest.mark.parametrize("mode", ["prior", "global"])
-def test_vectorised_search_equals_reference_loop(mode):
+def _reference_prior(fx, fg, radius, vote, penalty, margin):
+    """Prior search as plain loops (one sample): X's patch at p against G's at p + d + margin over the
+    cells inside X; coarse d by the mean cosine over the vote window, then the best d within ±1 of it."""
+    C, h, w = fx.shape
+    hg, wg = fg.shape[1:]
+    offsets = list(itertools.product(range(-radius, radius + 1), repeat=2))
+
+    def ok(py, px, d):
+        return 0 <= py + d[0] + margin < hg and 0 <= px + d[1] + margin < wg
+
+    def cos(py, px, d):
+        num, nx, ng = 0.0, 0.0, 0.0
+        for oy, ox in itertools.product((-1, 0, 1), repeat=2):
+            y, x = py + oy, px + ox
+            if not (0 <= y < h and 0 <= x < w):
+                continue
+            a = fx[:, y, x]
+            ty, tx = y + d[0] + margin, x + d[1] + margin
+            b = fg[:, ty, tx] if 0 <= ty < hg and 0 <= tx < wg else torch.zeros_like(a)
+            num, nx, ng = num + float(a @ b), nx + float(a @ a), ng + float(b @ b)
+        return num / (max(nx, 1e-12) ** 0.5 * max(ng, 1e-12) ** 0.5)
+
+    pen = {d: penalty * (d[0] ** 2 + d[1] ** 2) ** 0.5 for d in offsets}
+    cache = {(py, px, d): cos(py, px, d) if ok(py, px, d) else 0.0
+             for py in range(h) for px in range(w) for d in offsets}
+    q = torch.zeros(2, h, w, dtype=torch.long)
+    r = vote // 2
+    for py, px in itertools.product(range(h), range(w)):
+        window = [(y, x) for y in range(py - r, py + r + 1) for x in range(px - r, px + r + 1)
+                  if 0 <= y < h and 0 <= x < w]
+        votes = {d: sum(cache[y, x, d] for y, x in window) / len(window) - pen[d] for d in offsets if ok(py, px, d)}
+        coarse = max(votes, key=lambda d: (votes[d], -offsets.index(d)))
+        cands = {d: cache[py, px, d] - pen[d] for d in offsets
+                 if ok(py, px, d) and abs(d[0] - coarse[0]) <= 1 and abs(d[1] - coarse[1]) <= 1}
+        d = max(cands, key=lambda d: (cands[d], -offsets.index(d)))
+        q[:, py, px] = torch.tensor([py + d[0] + margin, px + d[1] + margin])
+    return q
+
+
+def test_vectorised_global_search_equals_reference_loop():
     torch.manual_seed(1)
     fx = torch.randn(2, 6, 11, 13, dtype=torch.float64)
-    fg = torch.randn(2, 6, *((11, 13) if mode == "prior" else (9, 17)), dtype=torch.float64)
+    fg = torch.randn(2, 6, 9, 17, dtype=torch.float64)
     fg[1, :, 2:9, 3:10] = fx[1, :, 1:8, 2:9]  # one sample with a real correspondence
-    k, radius, dil = 4, 2, (1, 2)
+    k, dil = 4, (1, 2)
     with torch.no_grad():
-        if mode == "prior":
-            origins, win = agg_mod._prior_windows(2, 11, 13, *fg.shape[-2:], k, radius, "cpu")
-            limit = radius
-        else:
-            centres = agg_mod._coarse_search(fx, fg, k, dil, budget=50)  # tiny budget: many chunks
-            origins, win = agg_mod._global_windows(centres, *fg.shape[-2:], 1.5)
-            limit = None
-        q = agg_mod._fine_search(fx, fg, origins, win, k, limit, budget=5000)
+        centres = agg_mod._coarse_search(fx, fg, k, dil, budget=50)  # tiny budget: many chunks
+        origins, win = agg_mod._global_windows(centres, *fg.shape[-2:], 1.5)
+        q = agg_mod._fine_search(fx, fg, origins, win, k, budget=5000)
     for b in range(2):
-        assert torch.equal(q[b], _reference_search(fx[b], fg[b], k, dil, mode, radius))
+        assert torch.equal(q[b], _reference_search(fx[b], fg[b], k, dil))
+
+
+@pytest.mark.parametrize("vote, penalty, margin", [(1, 0.0, 0), (3, 0.05, 1), (5, 0.02, 2)])
+def test_prior_search_equals_reference_loop(vote, penalty, margin):
+    torch.manual_seed(2)
+    fx = torch.randn(2, 5, 9, 11, dtype=torch.float64)
+    fg = torch.randn(2, 5, 9 + 2 * margin, 11 + 2 * margin, dtype=torch.float64)
+    fg[1, :, margin + 1:margin + 8, margin + 2:margin + 10] = fx[1, :, 0:7, 1:9]  # shift (1, 1) in sample 1
+    with torch.no_grad():
+        q = agg_mod._prior_search(fx, fg, 2, vote, penalty, margin)
+    for b in range(2):
+        assert torch.equal(q[b], _reference_prior(fx[b], fg[b], 2, vote, penalty, margin))
+    shift = q[1] - agg_mod._grid(9, 11, "cpu")[0] - margin
+    assert (shift[:, 2:6, 3:8] == 1).all()  # the real correspondence is found
 
 
 def test_many_blocks_at_once_bounded_chunks():
     # 48×64 match map, 4×4 blocks → 192 blocks; a small budget forces several chunks, same answer
     fx, fg = torch.randn(1, 8, 48, 64), torch.randn(1, 8, 48, 64)
-    origins, win = agg_mod._prior_windows(1, 48, 64, 48, 64, 4, 2, "cpu")
-    one = agg_mod._fine_search(fx, fg, origins, win, 4, 2, budget=1 << 30)
-    many = agg_mod._fine_search(fx, fg, origins, win, 4, 2, budget=20000)
+    origins, win = agg_mod._global_windows(torch.randint(0, 48, (1, 12, 16, 2)), 48, 64, 1.5)
+    one = agg_mod._fine_search(fx, fg, origins, win, 4, budget=1 << 30)
+    many = agg_mod._fine_search(fx, fg, origins, win, 4, budget=20000)
     assert torch.equal(one, many)
+
+
+def test_training_crop_matches_outside_its_frame():
+    # the guidance shows the frame moved by (8, 12) px; a crop's edge cells have their true match
+    # outside the crop, which the search margin around the crop's frame makes reachable
+    frame = texture(1, 160, 192, seed=4)
+    moved = torch.roll(frame, (8, 12), (2, 3))
+    box = guidance_box("full", (160, 192), crop_yx=(48, 64))
+    x = frame[..., 48:112, 64:128]
+    a = make_agg(layout="full", penalty=0.0)
+    a.prepare(x, moved, (64, 64), box)
+    m = a.last_matches
+    truth = input_to_guidance(m.x_yx + torch.tensor([8.0, 12.0]).view(1, 2, 1, 1), box, (160, 192))
+    assert m.valid.all() and share_within(m, truth, 1e-3) > 0.95
+    edge = ~interior(m, (64, 64), 12)
+    assert share_within(m, truth, 1e-3, edge) > 0.9
 
 
 # -- fusion: α = 0 keeps the backbone, gradients reach α, B and the encoder ---------------------
