@@ -560,11 +560,15 @@ def train_cmd(
     guidance: Optional[str] = typer.Option(None, "--guidance", help="cache (default), none (plain backbone) or degraded."),
     group: Optional[str] = typer.Option(None, "--group", help="Guidance group id in the store (default: the store's default)."),
     fuse: Optional[str] = typer.Option(None, "--fuse", help="Where guidance is fused: enc, dec or enc+dec (default)."),
+    search: Optional[str] = typer.Option(None, "--search", help="Matching: prior (around the layout's place, default) or global (paper)."),
+    match: Optional[str] = typer.Option(None, "--match", help="Features matched: image (default) or encoder (paper: learned)."),
+    transfer: Optional[str] = typer.Option(None, "--transfer", help="Feature transfer: bilinear (sub-cell, default) or patch (paper)."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations (default 1000)."),
     patch: Optional[int] = typer.Option(None, "--patch", help="Training crop side in pixels (default 128)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process (default 4)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Backbone learning rate (default: the paper's for the backbone)."),
     agg_lr: Optional[float] = typer.Option(None, "--agg-lr", help="Aggregation learning rate (default: about half of --lr)."),
+    alpha_lr: Optional[float] = typer.Option(None, "--alpha-lr", help="Learning rate of the fusion gates α (default: --agg-lr)."),
     ema: Optional[float] = typer.Option(None, "--ema", help="EMA decay of the weights, e.g. 0.999 (default: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the model init and the crop sequence."),
     init: Optional[str] = typer.Option(None, "--init", help="Official or tdr checkpoint for the backbone (aggregation starts fresh)."),
@@ -581,7 +585,8 @@ def train_cmd(
     from .guided.config import TrainConfig, merge
 
     cli = dict(backbone=backbone, store=store, out=out_dir, dataset=dataset, guidance=guidance, group=group,
-               fuse=fuse, iters=iters, patch=patch, batch_size=batch_size, lr=lr, agg_lr=agg_lr, ema=ema,
+               fuse=fuse, search=search, match=match, transfer=transfer, iters=iters, patch=patch,
+               batch_size=batch_size, lr=lr, agg_lr=agg_lr, alpha_lr=alpha_lr, ema=ema,
                seed=seed, init=init, resume=resume or None, workers=workers, val_every=val_every, device=device)
     config = merge(TrainConfig, *_train_layers(config_file, resume, out_dir, cli), source="train config").require()
     from .guided.backbones import BACKBONES

@@ -21,11 +21,11 @@ SCHEMA = 1
 
 
 def build_model(backbone: str, *, guided: bool, fuse: str = "enc+dec", search: str = "prior",
-                layout: str = "center") -> torch.nn.Module:
+                layout: str = "center", match: str = "image", transfer: str = "bilinear") -> torch.nn.Module:
     """A backbone from the registry, guided (with dynamic aggregation) or plain."""
     from .backbones import build_backbone
 
-    agg = AggregationConfig(search=search, layout=layout)
+    agg = AggregationConfig(search=search, layout=layout, match_features=match, transfer=transfer)
     return build_backbone(backbone, guided=guided, fuse=fuse, aggregation=agg)
 
 

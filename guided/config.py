@@ -18,6 +18,9 @@ from ..cache.errors import TdrError
 
 GUIDANCE_MODES = ("cache", "none", "degraded")
 FUSE_MODES = ("enc", "dec", "enc+dec")
+SEARCHES = ("prior", "global")
+MATCH_FEATURES = ("image", "encoder")
+TRANSFERS = ("bilinear", "patch")
 
 # (backbone lr, aggregation lr) of the paper's supplement (SPEC §6), by backbone family (name prefix)
 PAPER_LR = {
@@ -54,6 +57,8 @@ class TrainConfig:
     group: str | None = None  # guidance group id in the store (default: the store's default group)
     fuse: str = "enc+dec"  # where guidance is fused (paper Table 10)
     search: str = "prior"  # aggregation matching: "prior" (known layout) or "global" (paper's coarse search)
+    match: str = "image"  # features matched: "image" (fixed, degradation-robust) or "encoder" (paper: learned)
+    transfer: str = "bilinear"  # "bilinear" (sub-cell displacement) or "patch" (paper: whole-cell patches)
     iters: int = 1000
     patch: int = 128  # training crop side
     batch_size: int = 4  # per process (global batch = batch_size · world size)
@@ -82,8 +87,9 @@ class TrainConfig:
             raise ConfigError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, not '{self.guidance}'.")
         if self.fuse not in FUSE_MODES:
             raise ConfigError(f"fuse must be one of {', '.join(FUSE_MODES)}, not '{self.fuse}'.")
-        if self.search not in ("prior", "global"):
-            raise ConfigError(f"search must be 'prior' or 'global', not '{self.search}'.")
+        for name, choices in (("search", SEARCHES), ("match", MATCH_FEATURES), ("transfer", TRANSFERS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, not '{getattr(self, name)}'.")
         for name in ("iters", "patch", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")

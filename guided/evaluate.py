@@ -137,8 +137,10 @@ def load_run(path: str | Path, *, use_ema: bool = True, device=None) -> tuple[to
         raise TdrError(f"{path} is not a tdr training checkpoint; official weights are used through "
                        "'tdr train --init'.")
     cfg = ckpt["config"]
+    # runs saved before the match/transfer settings existed used the encoder's features and patches
     model = build_model(cfg["backbone"], guided=cfg["guidance"] != "none", fuse=cfg["fuse"],
-                        search=cfg.get("search", "prior"))
+                        search=cfg.get("search", "prior"), match=cfg.get("match", "encoder"),
+                        transfer=cfg.get("transfer", "patch"))
     state = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
     model.load_state_dict(state)
     return model.to(device).eval(), cfg

@@ -192,7 +192,8 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         # made under one seed share backbone weights), optional --init, optimiser, schedule, EMA
         torch.manual_seed(config.seed)
         model = ckpt_io.build_model(config.backbone, guided=config.guidance != "none", fuse=config.fuse,
-                                    search=config.search, layout=layout)
+                                    search=config.search, layout=layout, match=config.match,
+                                    transfer=config.transfer)
         if config.init and resume_ckpt is None:
             load_backbone_checkpoint(model, _init_weights(config.init))
         model.to(device).train()
@@ -274,7 +275,8 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
                 val_model = model
                 if ema is not None:
                     val_model = ckpt_io.build_model(config.backbone, guided=guided, fuse=config.fuse,
-                                                    search=config.search, layout=layout)
+                                                    search=config.search, layout=layout, match=config.match,
+                                                    transfer=config.transfer)
                     val_model.load_state_dict(ema.state)
                     val_model.to(device)
                 metrics = validate(val_model, store, config, val_source, val_rows, device)
