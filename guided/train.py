@@ -226,6 +226,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         if main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+            emit = _logged(emit, run_dir / "log.jsonl")
 
         def save(step: int, path: Path) -> None:
             payload = {"schema": ckpt_io.SCHEMA, "config": config.to_dict(), "step": step,
@@ -297,6 +298,16 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _logged(emit, path: Path, every: int = 10):
+    """``emit`` that also appends the run's events to ``path`` (JSON lines; steps every ``every``)."""
+    def log(event: dict) -> None:
+        if event["event"] != "step" or event["step"] % every == 0 or event["step"] == event["iters"]:
+            with open(path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+        emit(event)
+    return log
 
 
 def _init_weights(path: str) -> dict:

@@ -71,6 +71,9 @@ def test_train_writes_run_and_learns(store, tmp_path):
     assert ckpt["schema"] == 1 and ckpt["step"] == 3
     assert all(math.isfinite(v) for v in result.losses) and len(result.losses) == 3
     assert result.val and result.val[-1]["step"] == 3 and math.isfinite(result.val[-1]["psnr"])
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in log] == ["start", "step", "val", "checkpoint"]  # steps: every 10th and the last
+    assert log[1]["step"] == 3 and log[1]["loss"] == result.losses[-1] and log[2]["psnr"] == result.val[-1]["psnr"]
     torch.manual_seed(0)
     fresh = build_backbone("nafnet-test", guided=True).state_dict()
     changed = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.equal(v, fresh[k])]
