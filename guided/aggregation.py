@@ -21,8 +21,9 @@ CVPR 2024), §3.3 and eq. 4, after the matching of MASA-SR (Lu et al., CVPR 2021
 What is matched: the shared encoder's features (``match_features="encoder"``, paper) or fixed
 ``image_features`` (default: locally normalised colour gradients), which survive blur, haze, rain and
 noise far better than a freshly initialised encoder's — measured on the aligned-content ablation
-(bench/guidance_ablation.py, BENCHMARKS.md): 71–75 % of positions within 4 px of the truth against 53 %
-for the encoder's features at initialisation and 40 % after training. The similarity scores that weight
+(bench/guidance_ablation.py, BENCHMARKS.md): with the vote and the sub-cell placement about 90 % of
+positions within 4 px of the truth, against 53 % for the encoder's features at initialisation and 40 %
+after training. The similarity scores that weight
 the transfer always come from the shared encoder, so the encoder still learns through them.
 
 Unlike the paper's code: any input size, any guidance size and aspect ratio, no Python loop over blocks,
@@ -47,8 +48,8 @@ from torch.utils.checkpoint import checkpoint
 LAYOUTS = ("center", "full")
 SEARCHES = ("prior", "global")
 FUSE_MODES = ("enc", "dec", "enc+dec")
-MATCH_FEATURES = ("encoder", "image")
-TRANSFERS = ("patch", "bilinear")
+MATCH_FEATURES = ("image", "encoder")
+TRANSFERS = ("bilinear", "patch")
 
 BlockFactory = Callable[[int, int], nn.Module]  # (channels, level) -> module mapping (B,c,h,w) to (B,c,h,w)
 
@@ -86,6 +87,8 @@ class AggregationConfig:
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, not {self.search!r}")
         if self.radius < 0 or self.block_size < 1 or self.encoder_blocks < 0 or self.chunk_elements < 1:
             raise ValueError("radius, encoder_blocks must be ≥ 0; block_size, chunk_elements ≥ 1")
+        if self.vote < 1 or self.vote % 2 == 0:
+            raise ValueError(f"vote must be an odd number of cells ≥ 1, not {self.vote}")
         if self.transfer not in TRANSFERS:
             raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, not {self.transfer!r}")
         if self.match_features not in MATCH_FEATURES:
@@ -285,28 +288,28 @@ class DynamicAggregation(nn.Module):
             fx = [_crop(f, margin // 2 ** l) for l, f in enumerate(fx)]
 
         # 2. matching on level m (features: the shared encoder's, or image-derived; see AggregationConfig)
+        S = 2 ** m
         with torch.no_grad():
             if cfg.match_features == "image":
                 # neither X's frame nor G's box edge is an image edge: no zeros around either
-                mfx = image_features(x, self.levels)
+                mx = image_features(x, m)
                 gb = self._prepare_guidance(guidance.to(x.dtype), box, (Hp, Wp), "border")[0] if margin else g
-                mfg = image_features(gb, self.levels)
+                mg = image_features(gb, m)
             else:
-                mfx, mfg = [f.detach() for f in fx], [f.detach() for f in fg]
+                mx, mg = fx[m].detach(), fg[m].detach()
             if cfg.centre:  # both minus their mean over X's frame
-                mfx = [f - f.mean((2, 3), keepdim=True) for f in mfx]
-                mfg = [f - _crop(f, margin // 2 ** l).mean((2, 3), keepdim=True) for l, f in enumerate(mfg)]
+                mx = mx - mx.mean((2, 3), keepdim=True)
+                mg = mg - _crop(mg, margin // S).mean((2, 3), keepdim=True)
             if cfg.search == "prior":
-                q = _prior_search(mfx[m], mfg[m], cfg.radius, cfg.vote, cfg.penalty, margin // 2 ** m)
+                q = _prior_search(mx, mg, cfg.radius, cfg.vote, cfg.penalty, margin // S)
             else:
-                centres = _coarse_search(mfx[m], mfg[m], cfg.block_size, cfg.dilations, cfg.chunk_elements)
-                origins, win = _global_windows(centres, *mfg[m].shape[-2:], cfg.window_scale)
-                q = _fine_search(mfx[m], mfg[m], origins, win, cfg.block_size, cfg.chunk_elements)
-            flow = _subcell(mfx[m], mfg[m], q) if cfg.transfer == "bilinear" else None  # sub-cell displacement
+                centres = _coarse_search(mx, mg, cfg.block_size, cfg.dilations, cfg.chunk_elements)
+                origins, win = _global_windows(centres, *mg.shape[-2:], cfg.window_scale)
+                q = _fine_search(mx, mg, origins, win, cfg.block_size, cfg.chunk_elements)
+            flow = _subcell(mx, mg, q) if cfg.transfer == "bilinear" else None  # sub-cell displacement
         # similarity score on the shared encoder's features: differentiable w.r.t. both feature maps
         score = _patch_cosine(fx[m], fg[m], q)
 
-        S = 2 ** m
         h, w = fx[m].shape[-2:]
         p = _grid(h, w, x.device)  # (1,2,h,w) cell indices
         cell = p * S + (S - 1) / 2  # centre of each cell, input pixels
@@ -468,70 +471,55 @@ def _prior_search(fx, fg, radius: int, vote: int, penalty: float, margin: int = 
     fx (B,C,h,w), fg (B,C,h+2·margin,w+2·margin): X's and G's features, G resampled through the box
     into X's frame grown by ``margin`` cells on each side (G's position p + margin is X's p). For every
     displacement d with |d|∞ ≤ ``radius`` the 3×3-patch cosine ``c_d(p)`` between X at p and G at p + d
-    is a box filter of the per-pixel products. Coarse: each position takes the d that maximises the mean
-    of ``c_d`` over its ``vote``×``vote`` neighbourhood (a block-sized template, robust where a lone 3×3
-    patch is ambiguous), minus ``penalty``·|d|; fine: the best ``c_d(p)`` − penalty·|d| with d within one
-    cell of that. Candidates outside G are excluded. Loops over displacements (at most (2r+1)² cheap
-    image-wide steps, twice), so memory stays at a few maps of (B,1,h,w). Returns (B,2,h,w) long in G.
+    (G's norm over the same cells as X's patch, which ends at X's edges) is a box filter of the
+    per-pixel products. Coarse: each position takes the d that maximises the mean of ``c_d`` over its
+    ``vote``×``vote`` neighbourhood (a block-sized template, robust where a lone 3×3 patch is
+    ambiguous), minus ``penalty``·|d|; fine: the best ``c_d(p)`` − penalty·|d| with d within one cell of
+    that (``vote`` ≤ 1: the best over all d). Candidates outside G are excluded. The volume holds
+    (2r+1)² maps of (B,h,w), built one displacement row at a time. Returns (B,2,h,w) long in G.
     """
     B, C, h, w = fx.shape
-    R = radius
+    R, D1 = radius, 2 * radius + 1
     P = max(0, R - margin)  # zero cells added where the margin is narrower than the radius: excluded
     o = margin + P  # index of X's position p in the padded G frame, at d = 0
-    nx = _patch_norm(fx)
     fgp = F.pad(fg, (P, P, P, P))
     sq = F.pad(fg.pow(2).sum(1, keepdim=True), (P, P, P, P))
-    inside = F.pad(fx.new_ones(1, 1, *fg.shape[-2:], dtype=torch.bool), (P, P, P, P))
+    inside = F.pad(fx.new_ones(1, 1, *fg.shape[-2:]), (P, P, P, P))
     ones3 = fx.new_ones(1, 1, 3, 3)
-    pad_v = vote // 2
-
-    def cosine(dy: int, dx: int):
-        # G's patch norm over the same cells as X's (X's patches end at X's edges)
-        ys, xs = slice(o + dy, o + dy + h), slice(o + dx, o + dx + w)
-        dot = F.conv2d((fx * fgp[:, :, ys, xs]).sum(1, keepdim=True), ones3, padding=1)
-        ng = F.conv2d(sq[:, :, ys, xs], ones3, padding=1).clamp_min(1e-12).sqrt()
-        return dot / (nx * ng), inside[:, :, ys, xs]
-
-    offsets = [(dy, dx) for dy in range(-R, R + 1) for dx in range(-R, R + 1)]
+    box3 = lambda t: F.conv2d(t.reshape(-1, 1, h, w), ones3, padding=1).view(t.shape)  # noqa: E731
+    cos, ok = [], []
+    for dy in range(-R, R + 1):  # one row of displacements: every dx at once, (B,·,h,D1,w) views
+        rows = slice(o + dy, o + dy + h)
+        cols = lambda t: t[:, :, rows].unfold(3, w, 1)[:, :, :, o - R:o + R + 1]  # noqa: E731
+        dot = torch.einsum("bchw,bchdw->bdhw", fx, cols(fgp))
+        ng = box3(cols(sq)[:, 0].permute(0, 2, 1, 3)).clamp_min(1e-12).sqrt()
+        cos.append(box3(dot) / (_patch_norm(fx) * ng))
+        ok.append(cols(inside)[:, 0].permute(0, 2, 1, 3) > 0)
+    cos, ok = torch.cat(cos, 1), torch.cat(ok, 1)  # (B,D,h,w), d = (dy, dx) at index (dy+R)·D1 + dx+R
+    d = torch.stack(torch.meshgrid(torch.arange(-R, R + 1, device=fx.device),
+                                   torch.arange(-R, R + 1, device=fx.device), indexing="ij")).view(2, -1)
+    pull = (penalty * d.float().pow(2).sum(0).sqrt()).to(fx.dtype).view(1, -1, 1, 1)
     neg = torch.finfo(fx.dtype).min
-    best = fx.new_full((B, 1, h, w), neg)
-    coarse = torch.zeros(B, 2, h, w, dtype=torch.long, device=fx.device)
     if vote > 1:
-        for dy, dx in offsets:
-            c, ok = cosine(dy, dx)
-            v = F.avg_pool2d(c * ok, vote, 1, pad_v, count_include_pad=False)
-            v = (v - penalty * (dy * dy + dx * dx) ** 0.5).masked_fill(~ok, neg)
-            take = v > best
-            best = torch.where(take, v, best)
-            coarse = torch.where(take, coarse.new_tensor([dy, dx]).view(1, 2, 1, 1), coarse)
-        best.fill_(neg)
-        fine_r = 1
-    else:
-        fine_r = R
-    disp = torch.zeros_like(coarse)
-    for dy, dx in offsets:
-        near = ((coarse[:, :1] - dy).abs() <= fine_r) & ((coarse[:, 1:] - dx).abs() <= fine_r)
-        c, ok = cosine(dy, dx)
-        v = (c - penalty * (dy * dy + dx * dx) ** 0.5).masked_fill(~(ok & near), neg)
-        take = v > best
-        best = torch.where(take, v, best)
-        disp = torch.where(take, disp.new_tensor([dy, dx]).view(1, 2, 1, 1), disp)
-    return disp + _grid(h, w, fx.device) + margin
+        votes = F.avg_pool2d((cos * ok).view(-1, 1, h, w), vote, 1, vote // 2, count_include_pad=False)
+        coarse = (votes.view(cos.shape) - pull).masked_fill(~ok, neg).argmax(1)  # (B,h,w)
+        near = ((d[0].view(1, -1, 1, 1) - d[0][coarse][:, None]).abs() <= 1) \
+            & ((d[1].view(1, -1, 1, 1) - d[1][coarse][:, None]).abs() <= 1)
+        ok = ok & near
+    best = (cos - pull).masked_fill(~ok, neg).argmax(1)
+    return d[:, best].permute(1, 0, 2, 3) + _grid(h, w, fx.device) + margin
 
 
-def image_features(img: torch.Tensor, levels: int) -> list[torch.Tensor]:
-    """Fixed matching features per level: local-contrast-normalised colour gradients of the image
+def image_features(img: torch.Tensor, level: int) -> torch.Tensor:
+    """Fixed matching features at one level: local-contrast-normalised colour gradients of the image
     averaged down to the level's scale, (B,6,H/2^l,W/2^l). They ignore brightness, contrast and colour
     shifts (haze, colour casts, a generated image's palette) and average out noise and rain streaks."""
-    out = []
-    for l in range(levels + 1):
-        f = F.avg_pool2d(img, 2 ** l) if l else img
-        gy = F.pad(f[..., 1:, :] - f[..., :-1, :], (0, 0, 0, 1))
-        gx = F.pad(f[..., :, 1:] - f[..., :, :-1], (0, 1))
-        grad = torch.cat([gy, gx], 1)
-        scale = F.avg_pool2d(grad.pow(2).mean(1, keepdim=True), 9, 1, 4, count_include_pad=False).sqrt()
-        out.append(grad / (scale + 1e-3))
-    return out
+    f = F.avg_pool2d(img, 2 ** level) if level else img
+    gy = F.pad(f[..., 1:, :] - f[..., :-1, :], (0, 0, 0, 1))
+    gx = F.pad(f[..., :, 1:] - f[..., :, :-1], (0, 1))
+    grad = torch.cat([gy, gx], 1)
+    scale = F.avg_pool2d(grad.pow(2).mean(1, keepdim=True), 9, 1, 4, count_include_pad=False).sqrt()
+    return grad / (scale + 1e-3)
 
 
 def _patch_cosine(fx, fg, q) -> torch.Tensor:

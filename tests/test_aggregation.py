@@ -372,10 +372,12 @@ def test_config_errors_name_the_choices():
         AggregationConfig(search="local")
     with pytest.raises(ValueError, match="center, full"):
         guidance_box("middle", (10, 10))
-    with pytest.raises(ValueError, match="patch, bilinear"):
+    with pytest.raises(ValueError, match="bilinear, patch"):
         AggregationConfig(transfer="nearest")
-    with pytest.raises(ValueError, match="encoder, image"):
+    with pytest.raises(ValueError, match="image, encoder"):
         AggregationConfig(match_features="pixels")
+    with pytest.raises(ValueError, match="vote must be an odd number"):
+        AggregationConfig(vote=8)
 
 
 def test_checkpointed_fusion_gives_the_same_gradients():

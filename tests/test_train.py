@@ -23,6 +23,7 @@ from tdr.cache.transfer import import_guidance
 from tdr.guided.backbones import build_backbone, load_backbone_checkpoint
 from tdr.guided.checkpoint import load_file
 from tdr.guided.config import ConfigError, TrainConfig, from_mapping, load_toml, section
+from tdr.guided.evaluate import load_run
 from tdr.guided.train import train
 
 torch.set_num_threads(2)
@@ -190,10 +191,15 @@ def test_cli_train_then_eval(store, tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text("patch = 32\nbatch_size = 1\n")
     res = runner.invoke(app, ["train", "--backbone", "nafnet-test", "--store", store, "--out", str(run),
-                              "--iters", "1", "--val-every", "1", "--config", str(toml)])
+                              "--iters", "1", "--val-every", "1", "--config", str(toml), "--match", "encoder",
+                              "--transfer", "patch", "--alpha-lr", "0.01"])
     assert res.exit_code == 0, res.output
     assert "run " in res.stdout and (run / "last.pt").is_file()
-    assert json.loads((run / "config.json").read_text())["patch"] == 32
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["patch"] == 32 and saved["match"] == "encoder" and saved["transfer"] == "patch"
+    assert saved["alpha_lr"] == 0.01
+    model, _ = load_run(run / "last.pt")  # eval rebuilds the aggregation the run trained
+    assert model.agg.config.match_features == "encoder" and model.agg.config.transfer == "patch"
     res = runner.invoke(app, ["eval", "--checkpoint", str(run / "last.pt"), "--store", store,
                               "--json", str(tmp_path / "m.json"), "--grids", "2", "--out", str(tmp_path / "g")])
     assert res.exit_code == 0, res.output
@@ -212,6 +218,8 @@ def test_cli_train_then_eval(store, tmp_path):
     (["--store", "/nonexistent/x.zarr"], "No tdr store"),
     (["--patch", "500"], "smaller than --patch"),
     (["--guidance", "clean"], "guidance must be one of"),
+    (["--match", "pixels"], "match must be one of image, encoder"),
+    (["--transfer", "nearest"], "transfer must be one of bilinear, patch"),
 ])
 def test_cli_bad_inputs(store, tmp_path, args, needle):
     from tdr.cli import app
