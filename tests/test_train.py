@@ -151,6 +151,37 @@ def test_single_process_ddp_matches_plain(store, tmp_path, monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_two_process_ddp_equals_one_process_with_the_global_batch(store, tmp_path):
+    # torchrun, 2 CPU processes (gloo), batch 1 each = one process with batch 2: same samples (rank r
+    # takes sample 2t + r at step t), averaged gradients, so the same weights after the same steps
+    single = train(cfg(store, tmp_path / "single", iters=2, batch_size=2))
+    code = f"""
+import torch
+torch.set_num_threads(1)
+from tdr.guided.config import TrainConfig
+from tdr.guided.train import train
+train(TrainConfig(backbone="nafnet-test", store={store!r}, out={str(tmp_path / 'ddp')!r}, iters=2, patch=32,
+                  batch_size=1, val_every=0, seed=0))
+"""
+    script = tmp_path / "ddp.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    a = torch.load(single.checkpoint, weights_only=True)
+    b = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2
+    for k, v in a["model"].items():
+        if v.is_floating_point():
+            # Adam turns float-rounding differences of near-zero gradients into up to ~1e-4 here; a
+            # missing all-reduce would differ by whole steps (lr 1e-3)
+            assert torch.allclose(v, b["model"][k], atol=1e-4), k
+    torch.manual_seed(0)
+    init = build_backbone("nafnet-test", guided=True).state_dict()
+    assert any(not torch.equal(v, init[k]) for k, v in a["model"].items() if v.is_floating_point())
+
+
 def test_trainer_never_imports_diffusers(store, tmp_path):
     code = f"""
 import sys, torch
