@@ -611,8 +611,9 @@ def train_cmd(
 @app.command("eval")
 @user_errors
 def eval_cmd(
-    checkpoint: str = typer.Option(..., "--checkpoint", help="A tdr run checkpoint (e.g. RUN_DIR/last.pt)."),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="A tdr run checkpoint (e.g. RUN_DIR/last.pt), or official weights with --backbone."),
     store: str = typer.Option(..., "--store", help="Store holding the split to score."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Official plain weights (e.g. NAFNet-GoPro-width64.pth): their backbone, e.g. nafnet."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Check that the store holds this dataset."),
     split: str = typer.Option("test", "--split", help="Split to score."),
     group: Optional[str] = typer.Option(None, "--group", help="Guidance group (default: the run's, else the store's default)."),
@@ -631,7 +632,8 @@ def eval_cmd(
     from .guided.config import EvalConfig
     from .guided.evaluate import evaluate
 
-    config = EvalConfig(checkpoint=checkpoint, store=store, dataset=dataset, split=split, group=group, tile=tile,
+    config = EvalConfig(checkpoint=checkpoint, store=store, dataset=dataset, backbone=backbone, split=split,
+                        group=group, tile=tile,
                         overlap=overlap, grids=grids, out=grid_dir, json=str(json_path) if json_path else None,
                         limit=limit, device=device)
     with progress_bar(f"eval {split}") as update:

@@ -121,9 +121,10 @@ class TrainConfig:
 class EvalConfig:
     """Everything that defines an evaluation (``tdr eval``)."""
 
-    checkpoint: str = ""
+    checkpoint: str = ""  # a tdr run checkpoint, or official plain weights with ``backbone``
     store: str = ""
     dataset: str | None = None
+    backbone: str | None = None  # for official weights (e.g. NAFNet-GoPro-width64.pth): the plain backbone
     split: str = "test"
     group: str | None = None  # guidance group (default: the training run's, else the store's default)
     tile: int = 0  # tile side for large images; 0: whole images

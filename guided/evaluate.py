@@ -130,12 +130,22 @@ class GuidanceSource:
 
 
 # -- loading ------------------------------------------------------------------------------------------
-def load_run(path: str | Path, *, use_ema: bool = True, device=None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Model (eval mode) and saved training config of a tdr run checkpoint."""
+def load_run(path: str | Path, *, use_ema: bool = True, device=None,
+             backbone: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Model (eval mode) and saved training config of a tdr run checkpoint; or, with ``backbone``, a
+    plain backbone with official weights loaded strictly (config: unguided, nothing else known)."""
     ckpt = load_file(path)
     if not is_run_checkpoint(ckpt):
-        raise TdrError(f"{path} is not a tdr training checkpoint; official weights are used through "
-                       "'tdr train --init'.")
+        if backbone is None:
+            raise TdrError(f"{path} is not a tdr training checkpoint; to score official weights, name "
+                           "their backbone (--backbone, e.g. nafnet).")
+        from .backbones import BACKBONES, load_backbone_checkpoint
+
+        if backbone not in BACKBONES:
+            raise TdrError(f"Unknown backbone '{backbone}'; choose one of: {', '.join(BACKBONES)}.")
+        model = build_model(backbone, guided=False)
+        load_backbone_checkpoint(model, ckpt)
+        return model.to(device).eval(), {"backbone": backbone, "guidance": "none", "group": None}
     cfg = ckpt["config"]
     # runs saved before the match/transfer settings existed used the encoder's features and patches
     model = build_model(cfg["backbone"], guided=cfg["guidance"] != "none", fuse=cfg["fuse"],
@@ -186,7 +196,7 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> EvalResult
     sp = store[config.split]
     if not sp.has_gt:
         raise StoreError(f"Split '{config.split}' has no clean images to score against.")
-    model, run_cfg = load_run(config.checkpoint, use_ema=config.use_ema, device=device)
+    model, run_cfg = load_run(config.checkpoint, use_ema=config.use_ema, device=device, backbone=config.backbone)
     group = config.group or (run_cfg.get("group") if run_cfg.get("group") in store.guidance_ids() else None)
     source = GuidanceSource(store, config.split, run_cfg["guidance"], group)
     conv = metric_convention(store.metric)

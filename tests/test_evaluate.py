@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from tdr.cache import open_store
+from tdr.cache.errors import TdrError
 from tdr.cache.ingest import ingest
 from tdr.cache.store import create_store
 from tdr.cache.transfer import import_guidance
@@ -93,6 +94,24 @@ def test_eval_uses_store_convention(tmp_path):
     assert len(result.grids) == 1 and Path(result.grids[0]).is_file()
     tiled = evaluate(EvalConfig(checkpoint=str(ckpt), store=url, tile=32, overlap=16, limit=1))
     assert tiled.n == 1 and abs(tiled.rows[0]["psnr"] - row["psnr"]) < 1.0
+
+
+def test_eval_official_plain_weights(tmp_path):
+    # official NAFNet/Restormer files are {"params": state_dict}; scored as the plain backbone
+    url = make_y_store(tmp_path / "data", str(tmp_path / "y.zarr"))
+    model = _perturbed(guided=False)
+    path = tmp_path / "NAFNet-official.pth"
+    torch.save({"params": model.state_dict()}, path)
+    result = evaluate(EvalConfig(checkpoint=str(path), store=url, backbone="nafnet-test", limit=1))
+    sp = open_store(url)["test"]
+    pred = restore(model, to_tensor(sp.read_lq(0)), None)[0]
+    gt = torch.from_numpy(sp.read_gt(0).transpose(2, 0, 1).copy())
+    assert result.guidance == "none" and result.n == 1
+    assert result.rows[0]["psnr"] == pytest.approx(psnr(pred, gt, y_channel=True, crop_border=2), abs=1e-9)
+    with pytest.raises(TdrError, match="--backbone"):
+        evaluate(EvalConfig(checkpoint=str(path), store=url))
+    with pytest.raises(TdrError, match="does not fit"):
+        evaluate(EvalConfig(checkpoint=str(path), store=url, backbone="restormer-test"))
 
 
 def test_eval_config_checks():
