@@ -101,7 +101,7 @@ def to_tensor(img: np.ndarray, device=None) -> torch.Tensor:
 
 
 def metric_convention(metric: dict[str, Any]) -> MetricConvention:
-    """The store's convention; keys this scorer does not apply (e.g. RealBlur's ``align``) are dropped."""
+    """The store's convention (keys unknown to ``MetricConvention`` are dropped)."""
     known = {f.name for f in fields(MetricConvention)}
     return MetricConvention.from_dict({k: v for k, v in metric.items() if k in known})
 
