@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -46,6 +47,9 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except TdrError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            # a failed remote call leaves coroutines that zarr's event loop drops at exit; their
+            # "Exception ignored" tracebacks would bury the one line that says what went wrong
+            sys.unraisablehook = lambda _: None
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
             err.print("interrupted: what was written is valid; run the same command again to continue.")
@@ -141,6 +145,17 @@ def datasets_check(name: str = typer.Argument(..., help="Dataset name (see 'tdr 
 
 
 # ------------------------------------------------------------------------------------------------ cache
+def _storage_option():
+    return typer.Option([], "--storage-option", help="fsspec option KEY=VALUE for remote stores, repeatable "
+                        "(also: $TDR_STORAGE_OPTIONS as JSON).")
+
+
+def _options(pairs: list[str]):
+    from .cache.options import parse_storage_options
+
+    return parse_storage_options(pairs)
+
+
 @cache_app.command("ingest")
 @user_errors
 def cache_ingest(dataset: str = typer.Option(..., "--dataset", help="Dataset name (see 'tdr datasets')."),
@@ -149,23 +164,25 @@ def cache_ingest(dataset: str = typer.Option(..., "--dataset", help="Dataset nam
                  split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits (default: all found)."),
                  workers: int = typer.Option(2, "--workers", min=1, help="Decoding threads."),
                  sigma: Optional[float] = typer.Option(None, "--sigma", help="Gaussian denoising sets: noise level on 0..255 (default 25)."),
-                 noise: Optional[str] = typer.Option(None, "--noise", help="Gaussian denoising sets: promptir (clip, truncate) or round.")) -> None:
+                 noise: Optional[str] = typer.Option(None, "--noise", help="Gaussian denoising sets: promptir (clip, truncate) or round."),
+                 storage_option: list[str] = _storage_option()) -> None:
     """Copy a dataset's degraded and clean images into a guidance store.
 
     Example: tdr cache ingest --dataset gopro --root ~/data/GOPRO_Large --store gopro.zarr
     """
     options = {k: v for k, v in {"sigma": sigma, "noise": noise}.items() if v is not None}
-    summary = _ingest(dataset, root, store, split, workers, options)
+    summary = _ingest(dataset, root, store, split, workers, options, _options(storage_option))
     _print_ingest(summary)
 
 
 def _ingest(dataset: str, root: Optional[Path], store: str, split: Optional[str], workers: int = 2,
-            options: Optional[dict] = None):
+            options: Optional[dict] = None, storage_options: Optional[dict] = None):
     from .cache.ingest import ingest
 
     with progress_bar("ingest") as update:
         return ingest(dataset, str(root) if root else None, store, splits=_split_list(split), workers=workers,
-                      options=options, progress=lambda s, d, t: update(d, t, f"ingest {s}"))
+                      options=options, storage_options=storage_options,
+                      progress=lambda s, d, t: update(d, t, f"ingest {s}"))
 
 
 def _split_list(text: Optional[str]) -> Optional[list[str]]:
@@ -194,7 +211,8 @@ def _human(n: int) -> str:
 @cache_app.command("info")
 @user_errors
 def cache_info(store: str = typer.Argument(..., help="Store location."),
-               as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON.")) -> None:
+               as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
+               storage_option: list[str] = _storage_option()) -> None:
     """Per split: image counts, guidance done/missing, fingerprint, bytes on disk.
 
     Example: tdr cache info gopro.zarr
@@ -202,7 +220,7 @@ def cache_info(store: str = typer.Argument(..., help="Store location."),
     from .cache import open_store
     from .cache.report import info
 
-    facts = info(open_store(store))
+    facts = info(open_store(store, storage_options=_options(storage_option)))
     if as_json:
         out.print_json(json.dumps(facts))
         return
@@ -228,7 +246,8 @@ def cache_info(store: str = typer.Argument(..., help="Store location."),
 
 @cache_app.command("verify")
 @user_errors
-def cache_verify(store: str = typer.Argument(..., help="Store location.")) -> None:
+def cache_verify(store: str = typer.Argument(..., help="Store location."),
+                 storage_option: list[str] = _storage_option()) -> None:
     """Read every chunk and re-hash every image; list corrupt or missing ones (exit 1 if any).
 
     Example: tdr cache verify gopro.zarr
@@ -236,7 +255,7 @@ def cache_verify(store: str = typer.Argument(..., help="Store location.")) -> No
     from .cache import open_store
     from .cache.report import verify
 
-    st = open_store(store)
+    st = open_store(store, storage_options=_options(storage_option))
     with progress_bar("verify") as update:
         report = verify(st, progress=update)
     for p in report.problems:
@@ -252,7 +271,8 @@ def cache_verify(store: str = typer.Argument(..., help="Store location.")) -> No
 def cache_import(store: str = typer.Argument(..., help="Store location."),
                  split: str = typer.Option(..., "--split", help="Split the guidance belongs to."),
                  source: Path = typer.Option(..., "--from", help="Folder of guidance images named <image id>.png/.jpg."),
-                 force: bool = typer.Option(False, "--force", help="Add a new guidance group if the store holds other guidance.")) -> None:
+                 force: bool = typer.Option(False, "--force", help="Add a new guidance group if the store holds other guidance."),
+                 storage_option: list[str] = _storage_option()) -> None:
     """Import guidance images made elsewhere (e.g. by the paper's scripts), resized to the store's size.
 
     Example: tdr cache import-guidance gopro.zarr --split train --from results/gopro_train
@@ -261,7 +281,8 @@ def cache_import(store: str = typer.Argument(..., help="Store location."),
     from .cache.transfer import import_guidance
 
     with progress_bar("import") as update:
-        summary = import_guidance(open_store(store, "a"), split, source, force=force, progress=update)
+        summary = import_guidance(open_store(store, "a", _options(storage_option)), split, source, force=force,
+                                  progress=update)
     out.print(f"imported {summary.written} guidance images into group {summary.group}")
     if summary.missing:
         out.print(f"{len(summary.missing)} image(s) had no file in {source}, first: {summary.missing[0]}", highlight=False)
@@ -272,7 +293,8 @@ def cache_import(store: str = typer.Argument(..., help="Store location."),
 def cache_export(store: str = typer.Argument(..., help="Store location."),
                  to: Path = typer.Option(..., "--to", help="Output folder: <to>/<split>/<id>.png."),
                  split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits (default: all)."),
-                 group: Optional[str] = typer.Option(None, "--group", help="Guidance group id (default: the store's).")) -> None:
+                 group: Optional[str] = typer.Option(None, "--group", help="Guidance group id (default: the store's)."),
+                 storage_option: list[str] = _storage_option()) -> None:
     """Write guidance images as PNG files named by image id.
 
     Example: tdr cache export gopro.zarr --to guidance-png
@@ -281,7 +303,8 @@ def cache_export(store: str = typer.Argument(..., help="Store location."),
     from .cache.transfer import export_guidance
 
     with progress_bar("export") as update:
-        summary = export_guidance(open_store(store), to, splits=_split_list(split), gid=group, progress=update)
+        summary = export_guidance(open_store(store, storage_options=_options(storage_option)), to,
+                                  splits=_split_list(split), gid=group, progress=update)
     out.print(f"exported {summary.written} guidance images from group {summary.group} to {to}", highlight=False)
     if summary.missing:
         out.print(f"{len(summary.missing)} image(s) have no guidance yet, first: {summary.missing[0]}", highlight=False)
@@ -291,7 +314,7 @@ def cache_export(store: str = typer.Argument(..., help="Store location."),
 @user_errors
 def cache_merge(src: str = typer.Argument(..., help="Store to copy guidance from."),
                 dst: str = typer.Argument(..., help="Store to copy guidance into (its images decide what is copied)."),
-                storage_option: list[str] = typer.Option([], "--storage-option", help="fsspec option KEY=VALUE for remote stores, repeatable (also: $TDR_STORAGE_OPTIONS).")) -> None:
+                storage_option: list[str] = _storage_option()) -> None:
     """Copy guidance made with equal settings into DST for every image whose degraded pixels SRC knows.
 
     Matching is by content (sha256 of the degraded pixels), across splits and datasets; stores whose

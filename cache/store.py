@@ -61,14 +61,25 @@ def open_store(url: str, mode: str = "r", storage_options: Mapping[str, Any] | N
     """Open an existing tdr store (local path or fsspec URL); ``mode`` "r" reads, "a" also writes."""
     if mode not in ("r", "a"):
         raise ValueError("mode must be 'r' or 'a'")
+    storage_options = _storage_options(url, storage_options)
     try:
-        group = zarr.open_group(str(url), mode="r" if mode == "r" else "r+",
-                                storage_options=dict(storage_options) if storage_options else None)
+        group = zarr.open_group(str(url), mode="r" if mode == "r" else "r+", storage_options=storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         raise StoreError(f"No tdr store at {_display(url)}; create one with 'tdr cache ingest --store {url}'.") from None
     except Exception as exc:  # network, credentials, malformed metadata
         raise StoreError(f"Cannot open store {_display(url)}: {_one_line(exc)}.") from None
     return Store(group, url, read_only=(mode == "r"))
+
+
+def _storage_options(url: str, given: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """fsspec options for a remote ``url``: those given, else ``$TDR_STORAGE_OPTIONS`` (cache/options.py)."""
+    if given:
+        return dict(given)
+    if "://" not in str(url):
+        return None
+    from .options import parse_storage_options
+
+    return parse_storage_options()
 
 
 def create_store(url: str, *, dataset: str, metric: Mapping[str, Any],
@@ -81,8 +92,7 @@ def create_store(url: str, *, dataset: str, metric: Mapping[str, Any],
         if "No tdr store" not in str(exc):
             raise
     try:
-        group = zarr.open_group(str(url), mode="w-",
-                                storage_options=dict(storage_options) if storage_options else None)
+        group = zarr.open_group(str(url), mode="w-", storage_options=_storage_options(url, storage_options))
         group.attrs.update({"tdr_schema": SCHEMA, "dataset": dataset, "metric": dict(metric), "tile": TILE,
                             "dataset_options": dict(options or {}), "created": _utc_now(),
                             "guidance_default": None})

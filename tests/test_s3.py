@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 pytest.importorskip("moto", reason="moto[server] is in the 'test' extra")
@@ -85,6 +86,35 @@ def test_generate_verify_and_train_from_s3(s3):
     item = ds[0]
     values = item.values() if isinstance(item, dict) else item
     assert all(np.asarray(v).size for v in values)
+
+
+def test_every_cache_command_reaches_s3(s3, tmp_path, monkeypatch):
+    endpoint, _ = s3
+    url = "s3://team/small.zarr"
+    opt = ["--storage-option", f"endpoint_url={endpoint}"]
+    res = runner.invoke(app, ["cache", "ingest", "--dataset", "demo", "--split", "test", "--store", url, *opt])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["cache", "info", url, "--json", *opt])
+    assert res.exit_code == 0 and '"images": 12' in res.stdout, res.output
+    guides = tmp_path / "g"
+    guides.mkdir()
+    for image_id in open_store(url, storage_options={"endpoint_url": endpoint})["test"].ids:
+        Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).save(guides / f"{image_id.replace('/', '_')}.png")
+    res = runner.invoke(app, ["cache", "import-guidance", url, "--split", "test", "--from", str(guides), *opt])
+    assert res.exit_code == 0 and "imported 12" in res.stdout, res.output
+    res = runner.invoke(app, ["cache", "export", url, "--to", str(tmp_path / "out"), *opt])
+    assert res.exit_code == 0 and len(list((tmp_path / "out").rglob("*.png"))) == 12, res.output
+    # without the option the endpoint is unknown: one clear error line, exit 1 (a real process, so that
+    # what the interpreter prints at exit is seen too)
+    proc = subprocess.run([sys.executable, "-c", "from tdr.cli import main; main()", "cache", "verify", url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Cannot open store" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    # the environment variable serves every command and open_store (train/eval DataLoader workers too)
+    monkeypatch.setenv("TDR_STORAGE_OPTIONS", f'{{"endpoint_url": "{endpoint}"}}')
+    res = runner.invoke(app, ["cache", "verify", url])
+    assert res.exit_code == 0 and "ok: 36 images checked" in res.stdout, res.output  # 12 × (lq, gt, guidance)
+    assert open_store(url)["test"].ids
 
 
 RANGE_SERVER = r'''
