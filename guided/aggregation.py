@@ -287,16 +287,17 @@ class DynamicAggregation(nn.Module):
         if margin:
             fx = [_crop(f, margin // 2 ** l) for l, f in enumerate(fx)]
 
-        # 2. matching on level m (features: the shared encoder's, or image-derived; see AggregationConfig)
+        # 2. matching on level m (features: the shared encoder's, or image-derived; see AggregationConfig),
+        #    in float32 even under autocast: bf16 cosines are too coarse for an argmax or a sub-cell fit
         S = 2 ** m
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             if cfg.match_features == "image":
                 # neither X's frame nor G's box edge is an image edge: no zeros around either
-                mx = image_features(x, m)
-                gb = self._prepare_guidance(guidance.to(x.dtype), box, (Hp, Wp), "border")[0] if margin else g
+                mx = image_features(x.float(), m)
+                gb = self._prepare_guidance(guidance.float(), box, (Hp, Wp), "border")[0] if margin else g.float()
                 mg = image_features(gb, m)
             else:
-                mx, mg = fx[m].detach(), fg[m].detach()
+                mx, mg = fx[m].detach().float(), fg[m].detach().float()
             if cfg.centre:  # both minus their mean over X's frame
                 mx = mx - mx.mean((2, 3), keepdim=True)
                 mg = mg - _crop(mg, margin // S).mean((2, 3), keepdim=True)
@@ -308,7 +309,7 @@ class DynamicAggregation(nn.Module):
                 q = _fine_search(mx, mg, origins, win, cfg.block_size, cfg.chunk_elements)
             flow = _subcell(mx, mg, q) if cfg.transfer == "bilinear" else None  # sub-cell displacement
         # similarity score on the shared encoder's features: differentiable w.r.t. both feature maps
-        score = _patch_cosine(fx[m], fg[m], q)
+        score = _patch_cosine(fx[m].float(), fg[m].float(), q)
 
         h, w = fx[m].shape[-2:]
         p = _grid(h, w, x.device)  # (1,2,h,w) cell indices
@@ -585,7 +586,8 @@ def _transfer_bilinear(feat, flow, score, up: int) -> torch.Tensor:
     ys = torch.arange(H, device=flow.device, dtype=flow.dtype)[:, None] + flow[:, 0]
     xs = torch.arange(W, device=flow.device, dtype=flow.dtype)[None, :] + flow[:, 1]
     grid = torch.stack([(xs + 0.5) / Wg * 2 - 1, (ys + 0.5) / Hg * 2 - 1], -1)
-    out = F.grid_sample(feat, grid.to(feat.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    # float32 positions: a bf16 grid would be off by about a pixel across a few hundred pixels
+    out = F.grid_sample(feat.float(), grid.float(), mode="bilinear", padding_mode="zeros", align_corners=False)
     return out * score
 
 

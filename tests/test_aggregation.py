@@ -391,3 +391,19 @@ def test_checkpointed_fusion_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_matching_runs_in_float32_under_autocast():
+    # bf16 autocast (GPU training) must not coarsen the matching: same matches and sub-cell placement
+    big = texture(1, 160, 192, seed=6)
+    x, g = big[..., 16:112, 24:152], big[..., 21:117, 27:155]  # shifted by (5, 3) px: sub-cell at 4-px cells
+    a = make_agg(layout="full", transfer="bilinear")
+    with torch.no_grad():
+        ref = a.prepare(x, g, (96, 128))
+        m32 = a.last_matches
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = a.prepare(x, g, (96, 128))
+        m16 = a.last_matches
+    assert torch.equal(m32.g_yx, m16.g_yx)
+    assert all(t.dtype == torch.float32 for t in low)  # transferred features sampled in float32
+    assert torch.allclose(ref[0], low[0], atol=0.05)  # only the encoder itself ran in bf16
