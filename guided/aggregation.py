@@ -225,10 +225,10 @@ class DynamicAggregation(nn.Module):
         mult = 2 ** self.levels
         return -(-(self.config.radius + 1) * 2 ** self.match_level // mult) * mult
 
-    def _prepare_guidance(self, guidance, box, out_hw, padding: tuple[str, ...] = ("zeros",)):
+    def _prepare_guidance(self, guidance, box, out_hw):
         """Prior search: G resampled into the (padded) input frame grown by ``_margin()`` on each side,
-        once per grid_sample ``padding`` mode (outside the box). Global: G at the input's scale.
-        Returns ([G per padding mode], guidance pixels per pixel of G)."""
+        its edge pixels repeated outside its box. Global: G at the input's scale. Returns (G, guidance
+        pixels per pixel of G)."""
         mult = 2 ** self.levels
         B, _, Hg, Wg = guidance.shape
         scale = box[:, 2:] / box.new_tensor([Hg, Wg])  # input pixels per guidance pixel, (B,2)
@@ -245,8 +245,9 @@ class DynamicAggregation(nn.Module):
             gy = (ys[None] - box[:, :1]) / box[:, 2:3] * 2 - 1  # (B,H) in grid_sample's [-1, 1]
             gx = (xs[None] - box[:, 1:2]) / box[:, 3:4] * 2 - 1
             grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
-            return [F.grid_sample(guidance, grid.to(guidance.dtype), mode="bilinear", padding_mode=mode,
-                                  align_corners=False) for mode in padding], (1.0, 1.0)
+            g = F.grid_sample(guidance, grid.to(guidance.dtype), mode="bilinear", padding_mode="border",
+                              align_corners=False)
+            return g, (1.0, 1.0)
         if self.config.rescale_guidance:
             s = scale.mean(0)
             size = (max(1, round(Hg * float(s[0]))), max(1, round(Wg * float(s[1]))))
@@ -254,7 +255,7 @@ class DynamicAggregation(nn.Module):
                 guidance = F.interpolate(guidance, size=size, mode="bilinear", antialias=True, align_corners=False)
         h, w = guidance.shape[-2:]
         g = _pad_to(guidance, (-(-h // mult) * mult, -(-w // mult) * mult))
-        return [g] * len(padding), (Hg / h, Wg / w)  # guidance pixels per resized pixel
+        return g, (Hg / h, Wg / w)  # guidance pixels per resized pixel
 
     # -- forward pieces -------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor, guidance: torch.Tensor, input_hw: tuple[int, int],
@@ -273,17 +274,15 @@ class DynamicAggregation(nn.Module):
         if box is None:
             box = guidance_box(cfg.layout, input_hw, batch=B, device=x.device)
         box = box.to(device=x.device, dtype=torch.float32)
-        # G in X's frame; for image-feature matching also with its box edge extended (no artificial edge)
-        border = cfg.match_features == "image"
-        gs, g_per_px = self._prepare_guidance(guidance.to(x.dtype), box, (Hp, Wp),
-                                              ("zeros", "border") if border else ("zeros",))
-        g = gs[0]
+        # G in X's frame, its edge pixels extended past its box: a box edge is no image edge, and zeros
+        # there would give the encoder an edge that transfer carries into the restored image as a line
+        g, g_per_px = self._prepare_guidance(guidance.to(x.dtype), box, (Hp, Wp))
 
         # 1. shared encoder, one batched call when both have the same frame. Prior search: X is encoded
-        #    inside G's frame (zeros around it, as G has outside its box) and cropped back, so both see
-        #    the same context at the edges
+        #    inside G's frame (its edge pixels repeated, as G's are outside its box) and cropped back, so
+        #    both see the same context at the edges
         margin = self._margin()  # G's frame starts ``margin`` input pixels before X's
-        xe = F.pad(x, (margin,) * 4) if margin else x
+        xe = F.pad(x, (margin,) * 4, mode="replicate") if margin else x
         if g.shape[-2:] == xe.shape[-2:]:
             fx, fg = zip(*(f.chunk(2) for f in self.encoder(torch.cat([xe, g]))))
         else:
@@ -298,7 +297,7 @@ class DynamicAggregation(nn.Module):
             if cfg.match_features == "image":
                 # neither X's frame nor G's box edge is an image edge: no zeros around either
                 mx = image_features(x.float(), m)
-                mg = image_features(gs[1].float(), m)
+                mg = image_features(g.float(), m)
             else:
                 mx, mg = fx[m].detach().float(), fg[m].detach().float()
             if cfg.centre:  # both minus their mean over X's frame
