@@ -151,6 +151,7 @@ def _storage_option():
 
 
 def _options(pairs: list[str]):
+    """--storage-option pairs (and $TDR_STORAGE_OPTIONS) as fsspec storage options."""
     from .cache.options import parse_storage_options
 
     return parse_storage_options(pairs)
@@ -324,9 +325,8 @@ def cache_merge(src: str = typer.Argument(..., help="Store to copy guidance from
     """
     from .cache import open_store
     from .cache.merge import merge
-    from .cache.options import parse_storage_options
 
-    options = parse_storage_options(storage_option)
+    options = _options(storage_option)
     with progress_bar("merge") as update:
         summary = merge(open_store(src, storage_options=options), open_store(dst, "a", options), progress=update)
     out.print(f"merged group(s) {', '.join(summary.groups)}: copied {summary.copied}, already present "
@@ -501,11 +501,10 @@ def generate_guidance(
     _quiet_model_libraries()
     from contextlib import ExitStack
 
-    from .cache.options import parse_storage_options
     from .pipeline import GuidancePipeline, fingerprint, load_components
     from .pipeline.generate import SamplingSettings, generate, open_for_generation
 
-    options = parse_storage_options(storage_option)
+    options = _options(storage_option)
     settings = SamplingSettings(steps=steps, scale=scale, seed=seed, layout=layout, size=size)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available() and not scheduler:

@@ -485,6 +485,7 @@ def _prior_search(fx, fg, radius: int, vote: int, penalty: float, margin: int = 
     R, D1 = radius, 2 * radius + 1
     P = max(0, R - margin)  # zero cells added where the margin is narrower than the radius: excluded
     o = margin + P  # index of X's position p in the padded G frame, at d = 0
+    nx = _patch_norm(fx)
     fgp = F.pad(fg, (P, P, P, P))
     sq = F.pad(fg.pow(2).sum(1, keepdim=True), (P, P, P, P))
     inside = F.pad(fx.new_ones(1, 1, *fg.shape[-2:]), (P, P, P, P))
@@ -496,7 +497,7 @@ def _prior_search(fx, fg, radius: int, vote: int, penalty: float, margin: int = 
         cols = lambda t: t[:, :, rows].unfold(3, w, 1)[:, :, :, o - R:o + R + 1]  # noqa: E731
         dot = torch.einsum("bchw,bchdw->bdhw", fx, cols(fgp))
         ng = box3(cols(sq)[:, 0].permute(0, 2, 1, 3)).clamp_min(1e-12).sqrt()
-        cos.append(box3(dot) / (_patch_norm(fx) * ng))
+        cos.append(box3(dot) / (nx * ng))
         ok.append(cols(inside)[:, 0].permute(0, 2, 1, 3) > 0)
     cos, ok = torch.cat(cos, 1), torch.cat(ok, 1)  # (B,D,h,w), d = (dy, dx) at index (dy+R)·D1 + dx+R
     d = torch.stack(torch.meshgrid(torch.arange(-R, R + 1, device=fx.device),

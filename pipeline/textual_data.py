@@ -87,17 +87,22 @@ def _is_clean_only(dataset) -> bool:
     return isinstance(dataset, GaussianSet)
 
 
+def _store_split(source: Source, split: str):
+    """The split of a store-backed source; a clear error if the store lacks it."""
+    from ..cache import open_store
+
+    store = open_store(source.store)
+    if split not in store:
+        raise StoreError(f"Store {source.store} has no '{split}' split.")
+    return store[split]
+
+
 def mapper_items(sources: Sequence[Source], split: str = "train") -> list[Item]:
     """Stage 1: every degraded image and every distinct clean image of the sources, each its own target."""
     items: list[Item] = []
     for source in sources:
         if source.store is not None:
-            from ..cache import open_store
-
-            store = open_store(source.store)
-            if split not in store:
-                raise StoreError(f"Store {source.store} has no '{split}' split.")
-            view = store[split]
+            view = _store_split(source, split)
             seen: set[int] = set()
             for i, image_id in enumerate(view.ids):
                 items.append(Item(f"{source.text}/lq/{image_id}", functools.partial(view.read_lq, i)))
@@ -123,12 +128,7 @@ def cleaner_items(sources: Sequence[Source], noise_sources: Sequence[Source] = (
     items: list[Item] = []
     for source in sources:
         if source.store is not None:
-            from ..cache import open_store
-
-            store = open_store(source.store)
-            if split not in store:
-                raise StoreError(f"Store {source.store} has no '{split}' split.")
-            view = store[split]
+            view = _store_split(source, split)
             rows = [i for i in range(len(view)) if view.gt_index[i] >= 0]
             if not rows:
                 raise DatasetError(
@@ -168,12 +168,7 @@ def clean_images(source: Source, split: str = "train") -> list[tuple[str, Callab
     """(key, loader) of a source's distinct clean images; a source without any (a folder of clean photos in
     ``lq/`` only, a store without clean images) gives its plain images."""
     if source.store is not None:
-        from ..cache import open_store
-
-        store = open_store(source.store)
-        if split not in store:
-            raise StoreError(f"Store {source.store} has no '{split}' split.")
-        view = store[split]
+        view = _store_split(source, split)
         rows: dict[int, int] = {}
         for i in range(len(view)):
             rows.setdefault(int(view.gt_index[i]), i)
