@@ -11,6 +11,7 @@ by rank, gradients are averaged by DDP, and only rank 0 validates and writes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -191,9 +192,10 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         # 4. model (seeded; the backbone is built before the aggregation, so guided and plain models
         # made under one seed share backbone weights), optional --init, optimiser, schedule, EMA
         torch.manual_seed(config.seed)
-        model = ckpt_io.build_model(config.backbone, guided=config.guidance != "none", fuse=config.fuse,
-                                    search=config.search, layout=layout, match=config.match,
-                                    transfer=config.transfer)
+        new_model = functools.partial(ckpt_io.build_model, config.backbone, guided=config.guidance != "none",
+                                      fuse=config.fuse, search=config.search, layout=layout, match=config.match,
+                                      transfer=config.transfer)
+        model = new_model()
         if config.init and resume_ckpt is None:
             load_backbone_checkpoint(model, _init_weights(config.init))
         model.to(device).train()
@@ -275,9 +277,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
             if main and val_source is not None and (step % config.val_every == 0 or step == config.iters):
                 val_model = model
                 if ema is not None:
-                    val_model = ckpt_io.build_model(config.backbone, guided=guided, fuse=config.fuse,
-                                                    search=config.search, layout=layout, match=config.match,
-                                                    transfer=config.transfer)
+                    val_model = new_model()
                     val_model.load_state_dict(ema.state)
                     val_model.to(device)
                 metrics = validate(val_model, store, config, val_source, val_rows, device)

@@ -112,6 +112,8 @@ def test_eval_official_plain_weights(tmp_path):
         evaluate(EvalConfig(checkpoint=str(path), store=url))
     with pytest.raises(TdrError, match="does not fit"):
         evaluate(EvalConfig(checkpoint=str(path), store=url, backbone="restormer-test"))
+    with pytest.raises(TdrError, match="choose one of"):
+        evaluate(EvalConfig(checkpoint=str(path), store=url, backbone="nafnet-tst"))
 
 
 def test_eval_config_checks():
