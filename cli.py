@@ -236,7 +236,8 @@ def cache_info(store: str = typer.Argument(..., help="Store location."),
         out.print("guidance: none yet")
     for gid, g in facts["guidance"].items():
         default = " (default)" if gid == facts["default_guidance"] else ""
-        table = Table(title=f"guidance {gid}{default}, {g['size']}², {_human(g['bytes'])}")
+        table = Table(title=f"guidance {gid}{default}, {g['size']}², {_human(g['bytes'])}, "
+                            f"provenance {g['provenance']}, layout {g['layout']}")
         for col in ("split", "done", "missing"):
             table.add_column(col)
         for name, s in g["splits"].items():
@@ -272,18 +273,23 @@ def cache_verify(store: str = typer.Argument(..., help="Store location."),
 def cache_import(store: str = typer.Argument(..., help="Store location."),
                  split: str = typer.Option(..., "--split", help="Split the guidance belongs to."),
                  source: Path = typer.Option(..., "--from", help="Folder of guidance images named <image id>.png/.jpg."),
+                 aligned: bool = typer.Option(False, "--aligned", help="The images' geometry follows the degraded images (registered reference photos); default: unknown, matched globally like generated guidance."),
+                 layout: str = typer.Option("center", "--layout", help="What each image shows: center (the frame's centre square, as the paper's scripts write) or full (the whole frame)."),
+                 label: Optional[str] = typer.Option(None, "--label", help="Name of this guidance source: imports with different labels are separate groups."),
                  force: bool = typer.Option(False, "--force", help="Add a new guidance group if the store holds other guidance."),
                  storage_option: list[str] = _storage_option()) -> None:
     """Import guidance images made elsewhere (e.g. by the paper's scripts), resized to the store's size.
 
     Example: tdr cache import-guidance gopro.zarr --split train --from results/gopro_train
     """
+    if layout not in ("center", "full"):
+        raise typer.BadParameter("must be 'center' or 'full'", param_hint="--layout")
     from .cache import open_store
     from .cache.transfer import import_guidance
 
     with progress_bar("import") as update:
-        summary = import_guidance(open_store(store, "a", _options(storage_option)), split, source, force=force,
-                                  progress=update)
+        summary = import_guidance(open_store(store, "a", _options(storage_option)), split, source, aligned=aligned,
+                                  layout=layout, label=label, force=force, progress=update)
     out.print(f"imported {summary.written} guidance images into group {summary.group}")
     if summary.missing:
         out.print(f"{len(summary.missing)} image(s) had no file in {source}, first: {summary.missing[0]}", highlight=False)

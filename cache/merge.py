@@ -82,7 +82,8 @@ def merge(src: Store, dst: Store, *, progress: Callable[[int, int], None] | None
                 "fingerprints can be merged.")
     summary = MergeSummary(groups=[g.id for g in src_groups])
     for g in src_groups:
-        target = dst.guidance_for({k: v for k, v in g.fingerprint.items() if k != "size"}, size=g.size)
+        target = dst.guidance_for({k: v for k, v in g.fingerprint.items() if k != "size"}, size=g.size,
+                                  provenance=g.provenance)
         if target.id != g.id:  # cannot happen for groups made by tdr; guards hand-made fingerprints
             raise FingerprintMismatch(f"Guidance group {g.id} of {src.url} has an inconsistent fingerprint.")
         index = content_index(g)

@@ -45,7 +45,8 @@ def info(store: Store) -> dict:
         for name in store.splits:
             done = gs.done(name, check=False)
             per_split[name] = {"done": int(done.sum()), "missing": int(len(done) - done.sum())}
-        out["guidance"][gid] = {"fingerprint": gs.fingerprint, "size": gs.size, "splits": per_split,
+        out["guidance"][gid] = {"fingerprint": gs.fingerprint, "size": gs.size, "provenance": gs.provenance,
+                                "layout": gs.layout, "splits": per_split,
                                 "bytes": store.nbytes(f"guidance/{gid}")}
     out["bytes"] = store.nbytes()
     return out

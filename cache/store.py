@@ -12,10 +12,15 @@ Layout (schema 1)::
     <split>/gt_index  (N,)   int32                   row of ``gt`` for each degraded image, -1 if none
     <split>/lq_sha    (N, 32) uint8                  sha256 of the degraded pixels (content address)
     <split>/gt_sha    (M, 32) uint8
-    guidance/<fid>/                attrs: fingerprint, size, created
+    guidance/<fid>/                attrs: fingerprint, size, created, provenance
     guidance/<fid>/<split> (N, S, S, 3) uint8        one chunk per image, written by exactly one writer
 
-``fid`` is :func:`tdr.cache.fingerprint.fingerprint_id` of the fingerprint. Every chunk ends with a
+``fid`` is :func:`tdr.cache.fingerprint.fingerprint_id` of the fingerprint. ``provenance`` says how a group's
+pixels relate to the degraded images (``PROVENANCES``): ``generated`` (written by generate-guidance: same
+content, no shared pixel geometry), ``aligned`` (declared at import: the geometry follows the input, e.g.
+registered reference photos), ``unknown`` (imported without the declaration; groups written before the
+attribute existed read as this). The fingerprint's ``layout`` (``LAYOUTS``, default "center") says which
+rectangle of the frame a guidance image is about: the centre square of the short side, or the full frame. Every chunk ends with a
 CRC32C checksum. An image's guidance is *done* when its chunk exists and its checksum passes, so a
 killed job resumes by skipping done images and concurrent writers need no lock (STACK.md: distinct
 chunks are safe; guidance is never sharded).
@@ -38,6 +43,8 @@ from .fingerprint import describe_difference, fingerprint_id
 SCHEMA = 1
 TILE = 128
 GUIDANCE_SIZE = 512
+PROVENANCES = ("generated", "aligned", "unknown")
+LAYOUTS = ("center", "full")  # what a guidance image is about: the frame's centre square, or the whole frame
 _COMPRESSORS = (ZstdCodec(level=3), Crc32cCodec())
 
 
@@ -182,18 +189,24 @@ class Store:
         return GuidanceSet(self, self.group["guidance"][matches[0]], matches[0])
 
     def guidance_for(self, fingerprint: Mapping[str, Any], *, size: int = GUIDANCE_SIZE,
-                     force: bool = False) -> "GuidanceSet":
-        """The guidance group for ``fingerprint``, created if needed, for writing.
+                     provenance: str = "unknown", force: bool = False) -> "GuidanceSet":
+        """The guidance group for ``fingerprint``, created if needed, for writing; ``provenance`` (one of
+        ``PROVENANCES``) is recorded on a new group, and on an existing one that lacks it.
 
         Refuses (``FingerprintMismatch``) when the store already holds guidance made with other settings,
         unless ``force``, which adds a second group beside the first and makes it the default.
         """
         self._require_writable()
+        if provenance not in PROVENANCES:
+            raise ValueError(f"provenance must be one of {', '.join(PROVENANCES)}, not {provenance!r}")
         fingerprint = dict(fingerprint, size=int(size))
         gid = fingerprint_id(fingerprint)
         ids = self.guidance_ids()
         if gid in ids:
-            return GuidanceSet(self, self.group["guidance"][gid], gid)
+            group = self.group["guidance"][gid]
+            if "provenance" not in group.attrs:
+                group.attrs["provenance"] = provenance
+            return GuidanceSet(self, group, gid)
         if ids and not force:
             current = self.guidance()
             raise FingerprintMismatch(
@@ -203,7 +216,7 @@ class Store:
         parent = self.group.require_group("guidance")
         try:
             sub = parent.create_group(gid, attributes={"fingerprint": fingerprint, "size": int(size),
-                                                       "created": _utc_now()})
+                                                       "created": _utc_now(), "provenance": provenance})
         except zarr.errors.ContainsGroupError:  # a concurrent writer created it first
             sub = parent[gid]
         if not self.group.attrs.get("guidance_default") or force:
@@ -292,6 +305,9 @@ class GuidanceSet:
         self.id = gid
         self.fingerprint: dict = dict(group.attrs["fingerprint"])
         self.size: int = int(group.attrs.get("size", GUIDANCE_SIZE))
+        recorded = group.attrs.get("provenance")
+        self.provenance: str = recorded if recorded in PROVENANCES else "unknown"
+        self.layout: str = self.fingerprint.get("layout", "center")
 
     def array(self, split: str, *, create: bool = False) -> zarr.Array:
         """The (N, S, S, 3) guidance array of ``split``; all-zero images are still written as chunks."""

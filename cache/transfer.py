@@ -12,9 +12,9 @@ from PIL import Image
 from .errors import StoreError
 from .images import read_image, write_png
 from .ingest import bounded_map
-from .store import Store
+from .store import LAYOUTS, Store
 
-IMPORTED_FINGERPRINT = {"kind": "imported"}
+IMPORTED_FINGERPRINT = {"kind": "imported"}  # plus provenance/layout/label where not the defaults
 _EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -39,12 +39,35 @@ def _to_guidance(img: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3])
 
 
-def import_guidance(store: Store, split: str, folder: str | Path, *, force: bool = False,
+def imported_fingerprint(*, aligned: bool = False, layout: str = "center", label: str | None = None) -> dict:
+    """Fingerprint of an imported guidance group. Imports declared differently (aligned or not, the
+    layout, a label naming the source) are different groups; the defaults give the fingerprint that
+    imports had before these settings existed, so such groups are continued, not duplicated."""
+    if layout not in LAYOUTS:
+        raise StoreError(f"layout must be one of {', '.join(LAYOUTS)}, not '{layout}'.")
+    fp = dict(IMPORTED_FINGERPRINT)
+    if aligned:
+        fp["provenance"] = "aligned"
+    if layout != "center":
+        fp["layout"] = layout
+    if label:
+        fp["label"] = str(label)
+    return fp
+
+
+def import_guidance(store: Store, split: str, folder: str | Path, *, aligned: bool = False,
+                    layout: str = "center", label: str | None = None, force: bool = False,
                     progress: Callable[[int, int], None] | None = None) -> TransferSummary:
     """Import a folder of guidance images named by image id into a guidance group marked "imported".
 
+    ``aligned``: the files' geometry follows the degraded images (registered reference photos, the
+    aligned-content stand-in), recorded as provenance ``aligned``; otherwise ``unknown``, which the
+    trainer treats like generated guidance (global matching). ``layout``: what each file shows — the
+    frame's centre square ("center", as the paper's scripts write) or the whole frame ("full").
+    ``label`` names the source, so several imports can live side by side as separate groups.
     Every file is decoded before anything is written, so an unreadable file changes nothing.
     """
+    fingerprint = imported_fingerprint(aligned=aligned, layout=layout, label=label)
     folder = Path(folder)
     if not folder.is_dir():
         raise StoreError(f"Guidance folder {folder} does not exist.")
@@ -62,7 +85,7 @@ def import_guidance(store: Store, split: str, folder: str | Path, *, force: bool
                          f"(expected e.g. {sp.ids[0]}.png).")
     for _ in bounded_map(read_image, list(found.values()), workers=2):
         pass  # raises ImageReadError naming the first unreadable file
-    gs = store.guidance_for(IMPORTED_FINGERPRINT, force=force)
+    gs = store.guidance_for(fingerprint, provenance="aligned" if aligned else "unknown", force=force)
     items = sorted(found.items())
     for n, (i, img) in enumerate(zip([i for i, _ in items], bounded_map(read_image, [p for _, p in items], 2)), 1):
         gs.write(split, i, _to_guidance(img, gs.size))

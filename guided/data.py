@@ -96,7 +96,7 @@ class TripleDataset(Dataset):
                                  f"(first: '{missing}'); finish 'tdr generate-guidance' or use --guidance none.")
             self.group = gs.id
             self.guidance_size = gs.size
-            self.layout = gs.fingerprint.get("layout", "center")
+            self.layout = gs.layout
         else:
             self.guidance_size = 512 if guidance == "degraded" else 0
             self.layout = "center"

@@ -118,7 +118,7 @@ class GuidanceSource:
             if not gs.done(split, check=False).all():
                 raise StoreError(f"Split '{split}' of {store.url} has no guidance for every image yet; finish "
                                  "'tdr generate-guidance' for it.")
-            self.gs, self.layout = gs, gs.fingerprint.get("layout", "center")
+            self.gs, self.layout = gs, gs.layout
 
     def read(self, i: int, lq: np.ndarray) -> np.ndarray | None:
         """(S,S,3) uint8 for image ``i`` (``lq`` its degraded frame), or None."""

@@ -1,13 +1,26 @@
-"""Aligned-content guidance: a stand-in for generated guidance whose geometry is known.
+"""Stand-ins for generated guidance whose relation to the input is known (SPEC §7).
 
-The clean image after a random similarity transform (shift ≤ ``shift`` px, scale 1 ± 4%) and a colour
-jitter, laid out like "center" guidance (centre square resized to 512²). It carries the clean content a
-good guidance image would, misplaced by a known amount, so benchmarks and the demo can measure both
-restoration gains and whether matching finds the true place (SPEC §7).
+Guidance that Stable Diffusion renders keeps the input's content and textures, not its pixel geometry:
+the mapper averages CLIP's patch tokens, SD is conditioned by 20 words, and composition follows the
+initial noise. Claims about guidance therefore rest on stand-ins that re-compose the content, with the
+true correspondence kept so that matching can be scored:
+
+- ``content_view`` (the default stand-in for generated guidance): the clean image's content moved by a good
+  fraction of the frame, rescaled, mirrored half the time, colour-jittered, rendered at the guidance size;
+- ``unrelated``: another image's content view — guidance that carries nothing; it must never hurt;
+- ``aligned_content``: the clean image shifted a few pixels and rescaled ±4 % in the input's own
+  geometry (registered reference photos behave like this). An *upper bound*: never evidence that
+  generated guidance helps.
+
+Every stand-in comes with its truth as an affine map ``T(y, x) = A·(y, x) + b`` from input pixel centres
+(the full degraded frame) to guidance pixel centres, stored as ``{"A": [[a_yy, a_yx, b_y], [a_xy, a_xx,
+b_x]]}`` (``None`` for unrelated guidance). Input positions whose true source ``T(p)`` falls outside the
+guidance have no correct match and are not scored.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,39 +29,116 @@ from scipy import ndimage
 
 from ..cache import open_store
 from ..cache.transfer import import_guidance
-from .data import layout_square
+
+GUIDANCE_SIZE = 512
+STAND_INS = ("views", "unrelated", "aligned")
 
 
-def aligned_content(gt: np.ndarray, rng: np.random.Generator, shift: float) -> tuple[np.ndarray, dict]:
-    """Clean frame moved by A(q) = s·(q − c) + c + d (content at q appears at A(q)), colour-jittered,
-    then laid out as "center" guidance (512²). Returns (guidance uint8, {"s", "dy", "dx"})."""
+@dataclass(frozen=True)
+class ViewRanges:
+    """How far a content view re-composes the content (uniform draws; the defaults are the issue's regime)."""
+
+    shift: tuple[float, float] = (0.15, 0.35)  # translation, as a fraction of the centre square's side
+    scale: tuple[float, float] = (0.7, 1.4)  # content scale (drawn log-uniformly)
+    mirror: float = 0.5  # probability of a left-right mirror
+    gain: tuple[float, float] = (0.85, 1.15)  # per-channel colour gain
+    bias: float = 12.0  # per-channel colour offset, ± grey levels
+
+
+def _render(img: np.ndarray, A: np.ndarray, size: int, rng: np.random.Generator, gain, bias) -> np.ndarray:
+    """Guidance pixel g shows input pixel A⁻¹(g − b) (bilinear, mirrored at the image's edges so the whole
+    canvas has content, as a generated image does), colour-jittered; (size, size, 3) uint8."""
+    lin, off = A[:, :2], A[:, 2]
+    inv = np.linalg.inv(lin)
+    zoom = np.abs(np.diag(lin))  # guidance pixels per input pixel, per axis
+    out = []
+    for k in range(3):
+        ch = img[..., k].astype(np.float32)
+        if zoom.min() < 1.0:  # shrinking: low-pass first so the resample does not alias
+            ch = ndimage.gaussian_filter(ch, sigma=[max(0.0, 0.5 / z - 0.5) for z in zoom])
+        out.append(ndimage.affine_transform(ch, inv, offset=-inv @ off, output_shape=(size, size), order=1,
+                                            mode="mirror"))
+    moved = np.stack(out, -1) * rng.uniform(*gain, 3) + rng.uniform(-bias, bias, 3)
+    return np.clip(moved, 0, 255).round().astype(np.uint8)
+
+
+def _square(h: int, w: int) -> tuple[float, float, float]:
+    """(top, left, side) of the centre square of an (h, w) frame: what "center" guidance is about."""
+    side = float(min(h, w))
+    return (h - side) / 2, (w - side) / 2, side
+
+
+def content_view(gt: np.ndarray, rng: np.random.Generator, ranges: ViewRanges = ViewRanges(),
+                 size: int = GUIDANCE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """The clean image's content re-composed, as generated guidance would show it: its centre square
+    rescaled by s, moved by t (a fraction of the side, any direction), mirrored half the time, about the
+    guidance's centre. Returns (guidance (size,size,3) uint8, A (2,3): input pixel → guidance pixel)."""
     h, w = gt.shape[:2]
+    top, left, side = _square(h, w)
+    k = size / side  # guidance pixels per input pixel of the centre square
+    s = float(np.exp(rng.uniform(*np.log(ranges.scale))))
+    flip = -1.0 if rng.random() < ranges.mirror else 1.0
+    angle = rng.uniform(0, 2 * np.pi)
+    t = rng.uniform(*ranges.shift) * side * np.array([np.sin(angle), np.cos(angle)])
+    lin = np.diag([k * s, k * s * flip])
+    centre = np.array([top + side / 2, left + side / 2])  # continuous coords of the square's centre
+    # g + ½ = k·(s·F·(p + ½ − centre) + t) + size/2
+    off = k * t + size / 2 - 0.5 + lin @ (0.5 - centre)
+    A = np.concatenate([lin, off[:, None]], 1)
+    return _render(gt, A, size, rng, ranges.gain, ranges.bias), A
+
+
+def aligned_content(gt: np.ndarray, rng: np.random.Generator, shift: float = 12.0,
+                    size: int = GUIDANCE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """The clean frame moved by p ↦ s·(p − c) + c + d (shift ≤ ``shift`` px, s = 1 ± 4 %), colour-jittered,
+    then laid out as "center" guidance (centre square resized to ``size``²). Returns (guidance, A)."""
+    h, w = gt.shape[:2]
+    top, left, side = _square(h, w)
     s = float(rng.uniform(0.96, 1.04))
-    dy, dx = (float(v) for v in rng.uniform(-shift, shift, 2))
+    d = rng.uniform(-shift, shift, 2)
     c = np.array([(h - 1) / 2, (w - 1) / 2])
-    # output pixel p samples input q = A⁻¹(p) = (p − c − d)/s + c  (scipy: q = M·p + offset)
-    offset = c - (c + np.array([dy, dx])) / s
-    moved = np.stack([ndimage.affine_transform(gt[..., k].astype(np.float32), np.eye(2) / s, offset=offset,
-                                               order=1, mode="reflect") for k in range(3)], -1)
-    gain, bias = rng.uniform(0.9, 1.1, 3), rng.uniform(-8, 8, 3)
-    moved = np.clip(moved * gain + bias, 0, 255).round().astype(np.uint8)
-    return layout_square(moved, 512, "center"), {"s": s, "dy": dy, "dx": dx}
+    k = size / side
+    lin = np.diag([k * s, k * s])
+    # moved pixel m = s·(p − c) + c + d; guidance g + ½ = k·(m + ½ − (top, left))
+    off = k * ((1 - s) * c + d + 0.5 - np.array([top, left])) - 0.5
+    A = np.concatenate([lin, off[:, None]], 1)
+    return _render(gt, A, size, rng, (0.9, 1.1), 8.0), A
 
 
-def make_guidance(url: str, folder: Path, shift: float = 12.0, seed: int = 0, *, force: bool = False) -> dict:
-    """Write aligned-content guidance for every image of every split into the store at ``url`` (through
-    PNG files in ``folder``, as a user's imported guidance would come); returns each image's true
-    transform {"s", "dy", "dx"} by image id."""
+def true_source(A: np.ndarray | list, yx: np.ndarray) -> np.ndarray:
+    """Guidance pixel coords (…,2) of input pixel coords ``yx`` (…,2) under truth ``A`` (2,3)."""
+    A = np.asarray(A, dtype=np.float64)
+    return yx @ A[:, :2].T + A[:, 2]
+
+
+def make_guidance(url: str, folder: Path, kind: str = "views", *, seed: int = 0, shift: float = 12.0,
+                  ranges: ViewRanges = ViewRanges(), label: str | None = None, force: bool = False) -> dict:
+    """Write stand-in guidance ``kind`` ("views", "unrelated" or "aligned") for every image of every split
+    into the store at ``url`` through PNG files in ``folder`` (as a user's imported guidance would come).
+    Aligned-content is imported as ``aligned`` (its geometry follows the input); the others as unknown,
+    like guidance of unknown geometry. Returns each image's truth {"A": …} (None: unrelated) by id."""
+    if kind not in STAND_INS:
+        raise ValueError(f"kind must be one of {', '.join(STAND_INS)}, not {kind!r}")
     store = open_store(url, "a")
-    truth = {}
-    for split in ("train", "test"):
+    truth: dict[str, dict | None] = {}
+    for split in store.splits:
         sp = store[split]
-        rng = np.random.default_rng([seed, split == "test"])
+        rng = np.random.default_rng([seed, STAND_INS.index(kind), store.splits.index(split)])
         out = folder / split
         out.mkdir(parents=True, exist_ok=True)
+        n = len(sp)
         for i, image_id in enumerate(sp.ids):
-            guide, t = aligned_content(sp.read_gt(i), rng, shift)
-            Image.fromarray(guide).save(out / f"{image_id.replace('/', '_')}.png")
-            truth[image_id] = t
-        import_guidance(store, split, out, force=force)
+            if kind == "aligned":
+                guide, A = aligned_content(sp.read_gt(i), rng, shift)
+            elif kind == "views":
+                guide, A = content_view(sp.read_gt(i), rng, ranges)
+            else:  # another image's content view: half the split away
+                guide, A = content_view(sp.read_gt((i + n // 2) % n), rng, ranges)
+                A = None
+            path = out / f"{image_id}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(guide).save(path)
+            truth[image_id] = None if A is None else {"A": A.tolist()}
+        import_guidance(store, split, out, aligned=kind == "aligned", layout="center",
+                        label=label or f"stand-in:{kind}", force=force)
     return truth

@@ -205,7 +205,8 @@ def begin(store: Store, splits: Sequence[str], settings: SamplingSettings, model
           limit: int | None, force: bool, attention: str, progress: ProgressFn | None):
     """Shared start of the local and the distributed run: the guidance group (refused if the store holds
     other settings), the plan, an empty summary, the ``plan`` progress event, the split arrays."""
-    gs = store.guidance_for(guidance_fingerprint(model_fingerprint, settings), size=settings.size, force=force)
+    gs = store.guidance_for(guidance_fingerprint(model_fingerprint, settings), size=settings.size,
+                            provenance="generated", force=force)
     work = plan(gs, splits, limit)
     summary = GenerateSummary(group=gs.id, skipped=work.skipped, attention=attention)
     if progress:
