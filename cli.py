@@ -588,7 +588,7 @@ def train_cmd(
     guidance: Optional[str] = typer.Option(None, "--guidance", help="cache (default), none (plain backbone) or degraded."),
     group: Optional[str] = typer.Option(None, "--group", help="Guidance group id in the store (default: the store's default)."),
     fuse: Optional[str] = typer.Option(None, "--fuse", help="Where guidance is fused: enc, dec or enc+dec (default)."),
-    search: Optional[str] = typer.Option(None, "--search", help="Matching: prior (around the layout's place, default) or global (paper)."),
+    search: Optional[str] = typer.Option(None, "--search", help="Matching: auto (default: prior for guidance imported --aligned, else global), global (content anywhere in G, several scales, mirrored), prior (around the layout's place; aligned guidance only), masa (the paper's search)."),
     match: Optional[str] = typer.Option(None, "--match", help="Features matched: image (default) or encoder (paper: learned)."),
     transfer: Optional[str] = typer.Option(None, "--transfer", help="Feature transfer: bilinear (sub-cell, default) or patch (paper)."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations (default 1000)."),

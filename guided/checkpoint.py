@@ -1,4 +1,8 @@
-"""tdr run checkpoints: ``{"schema": 1, "config", "step", "model", "optimizer", "scheduler", "rng", "ema"}``.
+"""tdr run checkpoints: ``{"schema": 2, "config", "step", "model", "optimizer", "scheduler", "rng", "ema"}``.
+
+Schemas: 1 — before the searches were reworked: ``search`` "prior" or "global" (the paper's search, now
+named "masa"), ``match``/``transfer`` missing in the oldest runs (encoder features, patches); 2 — search
+"global" is the content search, "masa" the paper's. :func:`migrate` brings a schema-1 config to schema 2.
 
 Everything in a checkpoint is a tensor or a plain Python value, so it loads with
 ``torch.load(weights_only=True)`` (no pickled code runs). Writes are atomic (temporary file, then rename),
@@ -17,10 +21,11 @@ import torch
 from ..cache.errors import ModelNotFoundError, TdrError
 from .aggregation import AggregationConfig
 
-SCHEMA = 1
+SCHEMA = 2
+SCHEMAS = (1, 2)  # readable: older ones go through migrate()
 
 
-def build_model(backbone: str, *, guided: bool, fuse: str = "enc+dec", search: str = "prior",
+def build_model(backbone: str, *, guided: bool, fuse: str = "enc+dec", search: str = "global",
                 layout: str = "center", match: str = "image", transfer: str = "bilinear") -> torch.nn.Module:
     """A backbone from the registry, guided (with dynamic aggregation) or plain."""
     from .backbones import build_backbone
@@ -50,7 +55,17 @@ def save(path: str | Path, payload: Mapping[str, Any]) -> None:
 
 
 def is_run_checkpoint(ckpt: Mapping[str, Any]) -> bool:
-    return isinstance(ckpt, Mapping) and ckpt.get("schema") == SCHEMA and "config" in ckpt and "model" in ckpt
+    return isinstance(ckpt, Mapping) and ckpt.get("schema") in SCHEMAS and "config" in ckpt and "model" in ckpt
+
+
+def migrate(config: Mapping[str, Any], schema: int) -> dict[str, Any]:
+    """A run's saved config in today's terms (schema ``SCHEMA``), from the schema it was saved with."""
+    cfg = dict(config)
+    if schema == 1:
+        cfg["search"] = {"global": "masa"}.get(cfg.get("search", "prior"), cfg.get("search", "prior"))
+        cfg.setdefault("match", "encoder")
+        cfg.setdefault("transfer", "patch")
+    return cfg
 
 
 # -- RNG state as plain values ------------------------------------------------------------------------

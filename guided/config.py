@@ -15,12 +15,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..cache.errors import TdrError
+from .aggregation.config import FUSE_MODES, MATCH_FEATURES, SEARCHES, TRANSFERS
 
 GUIDANCE_MODES = ("cache", "none", "degraded")
-FUSE_MODES = ("enc", "dec", "enc+dec")
-SEARCHES = ("prior", "global")
-MATCH_FEATURES = ("image", "encoder")
-TRANSFERS = ("bilinear", "patch")
+SEARCH_CHOICES = ("auto",) + SEARCHES  # auto: "prior" for aligned guidance, else "global"
 
 # (backbone lr, aggregation lr) of the paper's supplement (SPEC §6), by backbone family (name prefix)
 PAPER_LR = {
@@ -35,6 +33,22 @@ TEST_LR = (1e-3, 5e-4)  # tiny ``-test`` backbones: learn something in a handful
 
 class ConfigError(TdrError, ValueError):
     """A config file or option that is unknown, of the wrong type or out of range."""
+
+
+def resolve_search(search: str, provenance: str | None, group: str | None = None) -> str:
+    """The search a run uses, from its ``search`` setting and the guidance's provenance ("generated",
+    "aligned", "unknown"; None: no guidance). "auto" is "prior" for aligned guidance (its geometry follows
+    the input) and "global" otherwise; "prior" on guidance that is not aligned is refused, since generated
+    guidance shares content, not pixel geometry, with its input (SPEC §7)."""
+    if search == "auto":
+        return "prior" if provenance == "aligned" else "global"
+    if search == "prior" and provenance not in ("aligned", None):
+        where = f"guidance group {group}" if group else "this guidance"
+        raise ConfigError(f"search 'prior' looks only where the layout box puts the content, which holds only for "
+                          f"guidance whose geometry follows the input (provenance 'aligned'); {where} is "
+                          f"'{provenance}': use search 'auto' or 'global', or re-import it with --aligned if it is "
+                          "registered to the input.")
+    return search
 
 
 def paper_lr(backbone: str) -> tuple[float, float]:
@@ -56,7 +70,7 @@ class TrainConfig:
     guidance: str = "cache"  # "cache" (generated/imported guidance), "none" (plain backbone), "degraded"
     group: str | None = None  # guidance group id in the store (default: the store's default group)
     fuse: str = "enc+dec"  # where guidance is fused (paper Table 10)
-    search: str = "prior"  # aggregation matching: "prior" (known layout) or "global" (paper's coarse search)
+    search: str = "auto"  # matching: auto (prior if the guidance is aligned, else global), global, prior, masa
     match: str = "image"  # features matched: "image" (fixed, degradation-robust) or "encoder" (paper: learned)
     transfer: str = "bilinear"  # "bilinear" (sub-cell displacement) or "patch" (paper: whole-cell patches)
     iters: int = 1000
@@ -87,7 +101,7 @@ class TrainConfig:
             raise ConfigError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, not '{self.guidance}'.")
         if self.fuse not in FUSE_MODES:
             raise ConfigError(f"fuse must be one of {', '.join(FUSE_MODES)}, not '{self.fuse}'.")
-        for name, choices in (("search", SEARCHES), ("match", MATCH_FEATURES), ("transfer", TRANSFERS)):
+        for name, choices in (("search", SEARCH_CHOICES), ("match", MATCH_FEATURES), ("transfer", TRANSFERS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}, not '{getattr(self, name)}'.")
         for name in ("iters", "patch", "batch_size"):

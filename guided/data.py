@@ -97,9 +97,12 @@ class TripleDataset(Dataset):
             self.group = gs.id
             self.guidance_size = gs.size
             self.layout = gs.layout
+            self.provenance: str | None = gs.provenance
         else:
             self.guidance_size = 512 if guidance == "degraded" else 0
             self.layout = "center"
+            # the degraded image laid out as guidance is the input itself: its geometry follows the input
+            self.provenance = "aligned" if guidance == "degraded" else None
         self._store = None
 
     def _open(self):

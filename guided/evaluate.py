@@ -22,7 +22,7 @@ from PIL import Image
 from ..cache import open_store
 from ..cache.errors import StoreError, TdrError
 from .aggregation import guidance_box
-from .checkpoint import build_model, is_run_checkpoint, load_file
+from .checkpoint import build_model, is_run_checkpoint, load_file, migrate
 from .config import EvalConfig
 from .data import layout_square
 from .metrics import MetricAverager, MetricConvention, psnr
@@ -144,11 +144,9 @@ def load_run(path: str | Path, *, use_ema: bool = True, device=None,
         model = build_model(backbone, guided=False)  # an unknown name: UnknownBackboneError, with the choices
         load_backbone_checkpoint(model, ckpt)
         return model.to(device).eval(), {"backbone": backbone, "guidance": "none", "group": None}
-    cfg = ckpt["config"]
-    # runs saved before the match/transfer settings existed used the encoder's features and patches
+    cfg = migrate(ckpt["config"], ckpt["schema"])
     model = build_model(cfg["backbone"], guided=cfg["guidance"] != "none", fuse=cfg["fuse"],
-                        search=cfg.get("search", "prior"), match=cfg.get("match", "encoder"),
-                        transfer=cfg.get("transfer", "patch"))
+                        search=cfg["search"], match=cfg["match"], transfer=cfg["transfer"])
     state = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
     model.load_state_dict(state)
     return model.to(device).eval(), cfg

@@ -142,3 +142,20 @@ def make_guidance(url: str, folder: Path, kind: str = "views", *, seed: int = 0,
         import_guidance(store, split, out, aligned=kind == "aligned", layout="center",
                         label=label or f"stand-in:{kind}", force=force)
     return truth
+
+
+def match_hits(matches, A, tolerances=(4, 8), crop_yx: tuple[float, float] = (0, 0)) -> tuple[np.ndarray, int]:
+    """Score one image's matches against its truth ``A``: among valid match cells whose true source
+    ``T(p)`` lies inside the guidance, how many are matched within each tolerance, in input pixels at
+    the content's scale (guidance-pixel error / |A|'s scale). ``matches``: ``Matches`` of a batch of 1;
+    ``crop_yx``: the input's top-left corner in the frame ``A`` refers to. Returns (hits per tolerance, scored)."""
+    A = np.asarray(A, dtype=np.float64)
+    yx = matches.x_yx[0].permute(1, 2, 0).double().numpy() + np.asarray(crop_yx, dtype=np.float64)
+    true = true_source(A, yx)  # (h,w,2)
+    size = matches.g_size if hasattr(matches, "g_size") else None
+    got = matches.g_yx[0].permute(1, 2, 0).double().numpy()
+    lim = np.asarray(size if size is not None else (GUIDANCE_SIZE, GUIDANCE_SIZE), dtype=np.float64) - 0.5
+    inside = (true >= -0.5).all(-1) & (true <= lim).all(-1) & matches.valid[0, 0].numpy()
+    scale = np.abs(np.diag(A[:, :2]))  # guidance pixels per input pixel of the content
+    err = (np.abs(got - true) / scale).max(-1)
+    return np.array([int((inside & (err <= t)).sum()) for t in tolerances]), int(inside.sum())

@@ -30,7 +30,7 @@ from ..cache.errors import StoreError, TdrError
 from . import checkpoint as ckpt_io
 from .aggregation import guidance_box
 from .backbones.common import load_backbone_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, resolve_search
 from .data import TripleDataset
 from .evaluate import GuidanceSource, metric_convention, restore, to_tensor
 from .metrics import MetricAverager
@@ -184,8 +184,9 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
                            group=config.group, seed=config.seed)
         if config.guidance == "cache":
             config = replace(config, group=ds.group)
+        config = replace(config, search=resolve_search(config.search, ds.provenance, config.group))
         if resume_ckpt is not None:
-            _check_resume(resume_ckpt["config"], config)
+            _check_resume(ckpt_io.migrate(resume_ckpt["config"], resume_ckpt["schema"]), config)
         layout = ds.layout
         val_source, val_rows = _validation_set(store, config, config.guidance, config.group) if main else (None, [])
 

@@ -2,13 +2,17 @@
 
 import itertools
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tdr.guided import aggregation as agg_mod
 from tdr.guided.aggregation import AggregationConfig, DynamicAggregation, guidance_box, input_to_guidance
+from tdr.guided.aggregation import search as search_mod
+from tdr.guided.aggregation import transfer as transfer_mod
+from tdr.guided.aggregation.geometry import grid
 from tdr.guided.backbones import build_backbone
 
 torch.set_num_threads(1)
@@ -26,8 +30,10 @@ def texture(b, h, w, seed=0):
 
 
 def make_agg(levels=2, **config):
-    """Exact-match tests read whole-cell matches: transfer="patch" unless asked otherwise."""
+    """Exact-match tests read whole-cell matches: transfer="patch" unless asked otherwise; the prior
+    search unless asked otherwise (these tests place the guidance by a known box)."""
     config.setdefault("transfer", "patch")
+    config.setdefault("search", "prior")
     torch.manual_seed(0)
     points = {f"enc{i}": (i, 8 * 2 ** i) for i in range(levels)} | {"mid": (levels, 8 * 2 ** levels)}
     return DynamicAggregation(levels, points, lambda c, level: nn.Identity(), config=AggregationConfig(nf=8, **config))
@@ -45,7 +51,7 @@ def interior(matches, hw, margin):
     return (y > margin) & (x > margin) & (y < hw[0] - margin) & (x < hw[1] - margin)
 
 
-@pytest.mark.parametrize("search", ["prior", "global"])
+@pytest.mark.parametrize("search", ["prior", "global", "masa"])
 def test_guidance_equal_to_input_matches_identity(search):
     x = texture(2, 96, 128)
     a = make_agg(search=search, layout="full")
@@ -61,7 +67,7 @@ def test_guidance_equal_to_input_matches_identity(search):
     assert share_within(sub.last_matches, m.x_yx, 0.5) > 0.97  # sub-cell estimates stay near the identity
 
 
-@pytest.mark.parametrize("search", ["prior", "global"])
+@pytest.mark.parametrize("search", ["prior", "global", "masa"])
 def test_shifted_guidance_gives_the_shift(search):
     big = texture(2, 256, 320, seed=1)
     H, W = 192, 256
@@ -71,6 +77,9 @@ def test_shifted_guidance_gives_the_shift(search):
     a.prepare(x, g, (H, W))
     m = a.last_matches
     truth = m.x_yx + torch.tensor([8.0, 12.0]).view(1, 2, 1, 1)
+    if search == "global":  # placed by coarse 8-px cells, refined at 4-px cells: within a match cell
+        assert share_within(m, truth, 4.0, interior(m, (H, W), 32)) > 0.99
+        return
     assert share_within(m, truth, 1e-3, interior(m, (H, W), 32)) == 1.0  # away from border effects
     if search == "prior":
         assert share_within(m, truth, 1e-3, interior(m, (H, W), 16)) > 0.95
@@ -121,7 +130,7 @@ def test_crop_box_maps_a_training_patch():
     assert m.valid.all() and share_within(m, truth, 0.5 * 4 * 80 / 120 + 1e-3, interior(m, (64, 96), 8)) == 1.0
 
 
-@pytest.mark.parametrize("search", ["prior", "global"])
+@pytest.mark.parametrize("search", ["prior", "global", "masa"])
 def test_odd_and_mismatched_sizes(search):
     a = make_agg(levels=3, search=search)
     x, g = torch.rand(2, 3, 40, 56), torch.rand(2, 3, 64, 48)  # 37×53 padded to multiples of 8
@@ -147,14 +156,14 @@ def test_bilinear_transfer_reproduces_integer_and_sub_cell_shifts():
     feat = torch.randn(1, 4, 32, 40)
     h, w = 8, 10  # flow found two levels coarser: 4 pixels of this level per cell
     ones = torch.ones(1, 1, h, w)
-    same = agg_mod._transfer_bilinear(feat, torch.zeros(1, 2, h, w), ones, 2)
+    same = transfer_mod.transfer_bilinear(feat, torch.zeros(1, 2, h, w), ones, 2)
     assert torch.allclose(same, feat, atol=1e-6)
     flow = torch.zeros(1, 2, h, w)
     flow[:, 0], flow[:, 1] = 0.5, -0.25  # half a cell down, a quarter cell left: (2, -1) level pixels
-    moved = agg_mod._transfer_bilinear(feat, flow, ones, 2)
+    moved = transfer_mod.transfer_bilinear(feat, flow, ones, 2)
     assert torch.allclose(moved[..., :-2, 1:], feat[..., 2:, :-1], atol=1e-6)
     assert torch.all(moved[..., -2:, :] == 0)  # sources below G read zeros
-    coarse = agg_mod._transfer_bilinear(feat[..., ::4, ::4].contiguous(), 2 * flow, ones, -1)  # one level up
+    coarse = transfer_mod.transfer_bilinear(feat[..., ::4, ::4].contiguous(), 2 * flow, ones, -1)  # one level up
     assert coarse.shape == (1, 4, 4, 5)
 
 
@@ -180,25 +189,28 @@ def test_transfer_identity_and_shift_reproduce_features():
     feat = torch.randn(1, 4, 16, 20)
     h, w = 4, 5  # match level two levels coarser: s = 4
     ones = torch.ones(1, 1, h, w)
-    same = agg_mod._transfer(feat, torch.zeros(1, 2, h, w, dtype=torch.long), ones, 2)
+    same = transfer_mod.transfer_patch(feat, torch.zeros(1, 2, h, w), ones, 2)
     assert torch.allclose(same, feat)
     disp = torch.zeros(1, 2, h, w, dtype=torch.long)
     disp[:, 1] = 1  # every cell matched one cell to the right → features move left by s = 4 pixels
-    moved = agg_mod._transfer(feat, disp, ones, 2)
+    moved = transfer_mod.transfer_patch(feat, disp.float(), ones, 2)
     assert torch.allclose(moved[..., :, :12], feat[..., :, 4:16])
 
 
 # -- vectorised search equals a slow per-block reference loop -----------------------------------
-def _cos_patch(fx, py, px, fg, qy, qx, d=1):
-    """Cosine of zero-padded (dilated) 3×3 patches, one pair at a time."""
-    def patch(f, y, x):
+def _cos_patch(fx, py, px, fg, qy, qx, d=1, replicate_x=False):
+    """Cosine of zero-padded (dilated) 3×3 patches, one pair at a time; ``replicate_x``: X's patch
+    repeats X's edge pixels instead."""
+    def patch(f, y, x, edge):
         out = torch.zeros(f.shape[0], 3, 3, dtype=f.dtype)
         for u, v in itertools.product(range(3), range(3)):
             yy, xx = y + (u - 1) * d, x + (v - 1) * d
+            if edge:
+                yy, xx = min(max(yy, 0), f.shape[1] - 1), min(max(xx, 0), f.shape[2] - 1)
             if 0 <= yy < f.shape[1] and 0 <= xx < f.shape[2]:
                 out[:, u, v] = f[:, yy, xx]
         return out.flatten()
-    a, b = patch(fx, py, px), patch(fg, qy, qx)
+    a, b = patch(fx, py, px, replicate_x), patch(fg, qy, qx, False)
     return float(a @ b / (a.norm().clamp_min(1e-12) * b.norm().clamp_min(1e-12)))
 
 
@@ -220,7 +232,7 @@ def _reference_search(fx, fg, k, dilations, scale=1.5):
         for py, px in itertools.product(range(y0, min(y0 + k, h)), range(x0, min(x0 + k, w))):
             best, arg = -float("inf"), None
             for ty, tx in itertools.product(range(oy, oy + dy), range(ox, ox + dx)):
-                c = _cos_patch(fx, py, px, fg, ty, tx)
+                c = _cos_patch(fx, py, px, fg, ty, tx, replicate_x=True)
                 if c > best:
                     best, arg = c, (ty, tx)
             q[:, py, px] = torch.tensor(arg)
@@ -273,9 +285,9 @@ def test_vectorised_global_search_equals_reference_loop():
     fg[1, :, 2:9, 3:10] = fx[1, :, 1:8, 2:9]  # one sample with a real correspondence
     k, dil = 4, (1, 2)
     with torch.no_grad():
-        centres = agg_mod._coarse_search(fx, fg, k, dil, budget=50)  # tiny budget: many chunks
-        origins, win = agg_mod._global_windows(centres, *fg.shape[-2:], 1.5)
-        q = agg_mod._fine_search(fx, fg, origins, win, k, budget=5000)
+        centres = search_mod.coarse_blocks(fx, fg, k, dil, budget=50)  # tiny budget: many chunks
+        origins, win = search_mod.block_windows(centres, *fg.shape[-2:], 1.5)
+        q = search_mod.fine_in_windows(fx, fg, origins, win, k, budget=5000)
     for b in range(2):
         assert torch.equal(q[b], _reference_search(fx[b], fg[b], k, dil))
 
@@ -287,19 +299,19 @@ def test_prior_search_equals_reference_loop(vote, penalty, margin):
     fg = torch.randn(2, 5, 9 + 2 * margin, 11 + 2 * margin, dtype=torch.float64)
     fg[1, :, margin + 1:margin + 8, margin + 2:margin + 10] = fx[1, :, 0:7, 1:9]  # shift (1, 1) in sample 1
     with torch.no_grad():
-        q = agg_mod._prior_search(fx, fg, 2, vote, penalty, margin)
+        q = search_mod.local_search(fx, fg, AggregationConfig(radius=2, vote=vote, penalty=penalty), margin)
     for b in range(2):
         assert torch.equal(q[b], _reference_prior(fx[b], fg[b], 2, vote, penalty, margin))
-    shift = q[1] - agg_mod._grid(9, 11, "cpu")[0] - margin
+    shift = q[1] - grid(9, 11, "cpu")[0] - margin
     assert (shift[:, 2:6, 3:8] == 1).all()  # the real correspondence is found
 
 
 def test_many_blocks_at_once_bounded_chunks():
     # 48×64 match map, 4×4 blocks → 192 blocks; a small budget forces several chunks, same answer
     fx, fg = torch.randn(1, 8, 48, 64), torch.randn(1, 8, 48, 64)
-    origins, win = agg_mod._global_windows(torch.randint(0, 48, (1, 12, 16, 2)), 48, 64, 1.5)
-    one = agg_mod._fine_search(fx, fg, origins, win, 4, budget=1 << 30)
-    many = agg_mod._fine_search(fx, fg, origins, win, 4, budget=20000)
+    origins, win = search_mod.block_windows(torch.randint(0, 48, (1, 12, 16, 2)), 48, 64, 1.5)
+    one = search_mod.fine_in_windows(fx, fg, origins, win, 4, budget=1 << 30)
+    many = search_mod.fine_in_windows(fx, fg, origins, win, 4, budget=20000)
     assert torch.equal(one, many)
 
 
@@ -368,7 +380,7 @@ def test_fuse_sides(fuse, expected):
 
 
 def test_config_errors_name_the_choices():
-    with pytest.raises(ValueError, match="prior, global"):
+    with pytest.raises(ValueError, match="global, prior, masa"):
         AggregationConfig(search="local")
     with pytest.raises(ValueError, match="center, full"):
         guidance_box("middle", (10, 10))
@@ -407,3 +419,56 @@ def test_matching_runs_in_float32_under_autocast():
     assert torch.equal(m32.g_yx, m16.g_yx)
     assert all(t.dtype == torch.float32 for t in low)  # transferred features sampled in float32
     assert torch.allclose(ref[0], low[0], atol=0.05)  # only the encoder itself ran in bf16
+
+
+# -- content views: same content, other geometry (SPEC §7) ----------------------------------------
+def _photo(h=224, w=320):
+    """A natural photograph (scikit-image's bundled 'coffee'), (h,w,3) uint8."""
+    from PIL import Image
+    from skimage import data
+    return np.array(Image.fromarray(data.coffee()).resize((w, h), Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize("mirror", [0.0, 1.0])
+def test_global_search_finds_a_content_view(mirror):
+    """The clean image moved by a quarter of the frame, rescaled and (or not) mirrored: the global search
+    on image features (no training) matches most positions within 8 px of their true source; the prior
+    search, which assumes the layout box places the content, does not."""
+    from tdr.guided.synthetic import ViewRanges, content_view, match_hits
+
+    clean = _photo()
+    ranges = ViewRanges(shift=(0.25, 0.25), scale=(1.2, 1.2), mirror=mirror)
+    guide, A = content_view(clean, np.random.default_rng(3), ranges)
+    noisy = np.clip(clean + np.random.default_rng(0).normal(0, 8, clean.shape), 0, 255)  # a degraded input
+    x = torch.from_numpy(noisy.transpose(2, 0, 1)).float()[None] / 255
+    g = torch.from_numpy(guide.transpose(2, 0, 1)).float()[None] / 255
+    shares = {}
+    for search in ("global", "prior"):
+        a = make_agg(levels=4, search=search, transfer="bilinear")
+        with torch.no_grad():
+            a.prepare(x, g, (224, 320))
+        hits, scored = match_hits(a.last_matches, A, (4, 8))
+        shares[search] = hits / scored
+    assert shares["global"][1] > 0.6, shares
+    assert shares["prior"][1] < 0.2, shares
+
+
+def test_positions_outside_the_centre_square_draw_from_guidance():
+    """"center" guidance is about the frame's centre square, but generated content can show anything in
+    it: positions left and right of the square are valid, get a score, and find their content."""
+    from tdr.guided.synthetic import ViewRanges, content_view, match_hits
+
+    clean = _photo(192, 384)  # the centre square is the middle half
+    guide, A = content_view(clean, np.random.default_rng(1), ViewRanges(shift=(0.0, 0.0), scale=(0.7, 0.7), mirror=0.0))
+    x = torch.from_numpy(clean.transpose(2, 0, 1)).float()[None] / 255
+    g = torch.from_numpy(guide.transpose(2, 0, 1)).float()[None] / 255
+    a = make_agg(levels=4, search="global", transfer="bilinear")
+    with torch.no_grad():
+        aligned = a.prepare(x, g, (192, 384))
+    m = a.last_matches
+    outside = (m.x_yx[:, 1:] < 96) | (m.x_yx[:, 1:] > 288)
+    assert m.valid[outside].all() and (m.score[outside] != 0).float().mean() > 0.9
+    assert aligned[0][..., :, :96].abs().sum() > 0  # features transferred to the left of the square
+    m.valid = m.valid & outside
+    hits, scored = match_hits(m, A, (8,))
+    assert scored > 500 and hits[0] / scored > 0.6, (hits, scored)

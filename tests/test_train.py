@@ -69,7 +69,7 @@ def test_train_writes_run_and_learns(store, tmp_path):
     assert saved["backbone"] == "nafnet-test" and saved["guidance"] == "cache" and saved["group"]
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert {"schema", "config", "step", "model", "optimizer", "scheduler", "rng", "ema"} <= set(ckpt)
-    assert ckpt["schema"] == 1 and ckpt["step"] == 3
+    assert ckpt["schema"] == 2 and ckpt["step"] == 3
     assert all(math.isfinite(v) for v in result.losses) and len(result.losses) == 3
     assert result.val and result.val[-1]["step"] == 3 and math.isfinite(result.val[-1]["psnr"])
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -1,0 +1,67 @@
+"""Settings of the dynamic aggregation: one frozen dataclass, each choice's names defined once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...cache.store import LAYOUTS
+
+SEARCHES = ("global", "prior", "masa")  # see search.SEARCHES
+TRANSFERS = ("bilinear", "patch")  # see transfer.TRANSFERS
+MATCH_FEATURES = ("image", "encoder")
+FUSE_MODES = ("enc", "dec", "enc+dec")
+SCALES = (0.71, 0.84, 1.0, 1.19, 1.41)  # global search: G searched at these scales (×√2 range, steps of 2^¼)
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """Settings of the dynamic aggregation (placement and search, transfer, fusion).
+
+    ``search`` chooses how G is brought into the input's frame and matched (``search.SEARCHES``):
+    "global" (default; generated guidance, unknown geometry), "prior" (guidance whose geometry follows
+    the input: a window around the place the layout box gives), "masa" (the paper's coarse-to-fine search
+    on G at the input's scale). Defaults measured on the demo ablation (bench/guidance_ablation.py).
+    """
+
+    nf: int | None = None  # shared-encoder channels at full scale; None: half the backbone's width, ≥ 8
+    encoder_blocks: int = 1  # residual blocks per encoder level (paper: 4 at the backbone's width)
+    layout: str = "center"  # what the guidance shows when no box is given: "center" square or "full" frame
+    search: str = "global"
+    match_features: str = "image"  # "image": image_features() (fixed); "encoder": the shared encoder's (paper)
+    transfer: str = "bilinear"  # "bilinear": sub-cell displacement, bilinear sampling; "patch": paper
+    centre: bool = True  # match on features minus their per-channel mean over the input's frame (NCC-like)
+    # local search (prior and global): match at 1/4 scale within ±radius cells of the placed position
+    radius: int = 4  # max |displacement| in match-level cells (Chebyshev)
+    penalty: float = 0.02  # cosine − penalty·|displacement| (cells, Euclidean): prefer the placed position
+    vote: int = 17  # neighbourhood (cells) whose mean cosine picks the coarse displacement; 1: none
+    # global search: G at several scales (× the layout box's) and mirrored, every version searched whole
+    scales: tuple[float, ...] = SCALES
+    mirror: bool = True  # also search G mirrored left-right
+    coarse_cells: int = 64  # coarse level: the largest version of G spans at most this many cells (level ≥ 3)
+    coarse_vote: int = 13  # coarse level: neighbourhood (cells) whose mean cosine scores a candidate (≈ 100 px,
+    #                        the extent of the paper's dilated block descriptor at its coarsest level)
+    # masa (paper): blocks, dilated block descriptors, windows
+    block_size: int = 8  # block side at the match level (paper: 8)
+    window_scale: float = 1.5  # window diameter 2·⌊(W_g / (2·blocks_x))·scale⌋ + 1
+    dilations: tuple[int, ...] = (1, 2, 3)  # dilations of the block descriptor
+    match_level: int | None = None  # encoder level matched on; None: 1/4 scale (global, prior), coarsest (masa)
+    alpha_init: float = 0.0  # α of eq. 4 (per channel); 0 leaves a (pretrained) backbone unchanged
+    checkpoint_fusion: bool = False  # training: recompute fusion blocks in backward instead of storing
+    chunk_elements: int = 1 << 24  # masa: bound on the elements of one similarity chunk (64 MiB in fp32)
+
+    def __post_init__(self):
+        for name, choices in (("layout", LAYOUTS), ("search", SEARCHES), ("transfer", TRANSFERS),
+                              ("match_features", MATCH_FEATURES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
+        if self.radius < 0 or self.block_size < 1 or self.encoder_blocks < 0 or self.chunk_elements < 1:
+            raise ValueError("radius, encoder_blocks must be ≥ 0; block_size, chunk_elements ≥ 1")
+        for name in ("vote", "coarse_vote"):
+            if getattr(self, name) < 1 or getattr(self, name) % 2 == 0:
+                raise ValueError(f"{name} must be an odd number of cells ≥ 1, not {getattr(self, name)}")
+        if not self.dilations or min(self.dilations) < 1:
+            raise ValueError(f"dilations must be positive integers, not {self.dilations}")
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be positive numbers, not {self.scales}")
+        if self.coarse_cells < 8:
+            raise ValueError(f"coarse_cells must be at least 8, not {self.coarse_cells}")

@@ -1,0 +1,185 @@
+"""The aggregation's networks: shared encoder, fusion (paper eq. 4), and the module tying them to a search."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import FUSE_MODES, AggregationConfig
+from .features import image_features, patch_cosine, subcell
+from .geometry import Matches, crop, grid, guidance_box, inside_box, sample_coords
+from .search import SEARCHES
+from .transfer import TRANSFERS
+
+BlockFactory = Callable[[int, int], nn.Module]  # (channels, level) -> module mapping (B,c,h,w) to (B,c,h,w)
+
+
+class ResidualBlock(nn.Module):
+    """conv3×3 → LeakyReLU → conv3×3, plus the input."""
+
+    def __init__(self, nf: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.conv2 = nn.Conv2d(nf, nf, 3, 1, 1)
+
+    def forward(self, x):
+        return x + self.conv2(F.leaky_relu(self.conv1(x), 0.1))
+
+
+class SharedEncoder(nn.Module):
+    """conv3×3 → nf, residual blocks, then per level a stride-2 conv doubling the channels + blocks."""
+
+    def __init__(self, levels: int, nf: int, blocks: int = 1):
+        super().__init__()
+        self.stem = nn.Conv2d(3, nf, 3, 1, 1)
+        self.downs = nn.ModuleList(nn.Conv2d(nf * 2 ** l, nf * 2 ** (l + 1), 3, 2, 1) for l in range(levels))
+        self.bodies = nn.ModuleList(
+            nn.Sequential(*[ResidualBlock(nf * 2 ** l) for _ in range(blocks)]) for l in range(levels + 1))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B,3,H,W) in [0,1], H and W multiples of 2^levels → [(B, nf·2^l, H/2^l, W/2^l) for each level]."""
+        f = self.bodies[0](F.leaky_relu(self.stem(x), 0.1))
+        feats = [f]
+        for down, body in zip(self.downs, self.bodies[1:]):
+            f = body(F.leaky_relu(down(f), 0.1))
+            feats.append(f)
+        return feats
+
+
+class Fusion(nn.Module):
+    """Paper eq. 4: ``F_x + α·B([F_x, F̂_g])``, B = 1×1 conv to c channels then the backbone's block."""
+
+    def __init__(self, channels: int, guide_channels: int, block: nn.Module, alpha_init: float = 0.0,
+                 recompute: bool = False):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels + guide_channels, channels, 1)
+        self.block = block
+        self.alpha = nn.Parameter(torch.full((1, channels, 1, 1), float(alpha_init)))
+        self.recompute = recompute  # activation checkpointing: the block's activations are not stored
+
+    def _branch(self, x, guide):
+        return self.block(self.reduce(torch.cat([x, guide], 1)))
+
+    def forward(self, x, guide):
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return x + self.alpha * checkpoint(self._branch, x, guide, use_reentrant=False)
+        return x + self.alpha * self._branch(x, guide)
+
+
+class DynamicAggregation(nn.Module):
+    """Shared encoder, search, transfer and the fusion modules of one backbone.
+
+    ``points`` names the backbone's fusion points: ``name -> (level, channels)``; names starting with
+    "dec" are decoder points, all others ("enc0", "mid", …) encoder points. ``fuse`` selects which sides
+    get a fusion module. ``block(channels, level)`` builds the backbone-native block B.
+    """
+
+    def __init__(self, levels: int, points: Mapping[str, tuple[int, int]], block: BlockFactory, *,
+                 fuse: str = "enc+dec", config: AggregationConfig | None = None, width: int = 32):
+        super().__init__()
+        if fuse not in FUSE_MODES:
+            raise ValueError(f"fuse must be one of {', '.join(FUSE_MODES)}, not {fuse!r}")
+        self.config = config = config or AggregationConfig()
+        self.levels = levels
+        default_level = levels if config.search == "masa" else min(2, levels)
+        self.match_level = default_level if config.match_level is None else config.match_level
+        if not 0 <= self.match_level <= levels:
+            raise ValueError(f"match_level must be in 0..{levels}, not {config.match_level}")
+        nf = config.nf or max(8, width // 2)
+        self.encoder = SharedEncoder(levels, nf, config.encoder_blocks)
+        sides = fuse.split("+")
+        self.fusions = nn.ModuleDict({
+            name: Fusion(ch, nf * 2 ** lvl, block(ch, lvl), config.alpha_init, config.checkpoint_fusion)
+            for name, (lvl, ch) in points.items() if ("dec" if name.startswith("dec") else "enc") in sides})
+        self.point_levels = {name: lvl for name, (lvl, _) in points.items()}
+        self.last_matches: Matches | None = None
+
+    def _margin(self) -> int:
+        """Input pixels the placed G's frame extends past the input on each side, so that positions near
+        the input's edges (a training crop's) can match ``radius`` cells outwards; a multiple of
+        2^levels so every level's frame lines up. 0 for searches in G's own frame."""
+        if SEARCHES[self.config.search].own_frame:
+            return 0
+        mult = 2 ** self.levels
+        return -(-(self.config.radius + 1) * 2 ** self.match_level // mult) * mult
+
+    def prepare(self, x: torch.Tensor, guidance: torch.Tensor, input_hw: tuple[int, int],
+                box: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+        """Aligned guidance features per level for the padded input ``x``.
+
+        x: (B,3,Hp,Wp) in [0,1], padded at the bottom/right to a multiple of 2^levels; ``input_hw`` its
+        size before padding. guidance: (B,3,Hg,Wg) in [0,1], any size. box: (B,4) (top, left, height,
+        width) in input pixels that the guidance is about (its scale; for the prior search its place);
+        default from ``config.layout`` (input = frame).
+        Returns [(B, nf·2^l, Hp/2^l, Wp/2^l) or None where no fusion point needs level l].
+        """
+        cfg, m = self.config, self.match_level
+        search, transfer = SEARCHES[cfg.search], TRANSFERS[cfg.transfer]
+        B, _, Hp, Wp = x.shape
+        if guidance.shape[0] != B:
+            raise ValueError(f"guidance batch {guidance.shape[0]} differs from input batch {B}")
+        if box is None:
+            box = guidance_box(cfg.layout, input_hw, batch=B, device=x.device)
+        box = box.to(device=x.device, dtype=torch.float32)
+
+        # 1. G into the frame matching runs in (search-specific; no gradient flows through placement).
+        #    Outside G its edge pixels repeat: a box or frame edge is no image edge, and zeros there would
+        #    give the encoder an edge that transfer carries into the restored image as a line
+        margin = self._margin()
+        with torch.no_grad():
+            placed = search.place(x, guidance.to(x.dtype), box, cfg, margin or 2 ** self.levels)
+
+        # 2. shared encoder, one batched call when both have the same frame. In the input's grown frame
+        #    X is encoded with its edge pixels repeated (as G's are) and cropped back
+        xe = F.pad(x, (margin,) * 4, mode="replicate") if margin else x
+        g = placed.g
+        if g.shape[-2:] == xe.shape[-2:]:
+            fx, fg = zip(*(f.chunk(2) for f in self.encoder(torch.cat([xe, g]))))
+        else:
+            fx, fg = self.encoder(xe), self.encoder(g)
+        if margin:
+            fx = [crop(f, margin // 2 ** l) for l, f in enumerate(fx)]
+
+        # 3. matching on level m (features: the shared encoder's, or image-derived; see AggregationConfig),
+        #    in float32 even under autocast: bf16 cosines are too coarse for an argmax or a sub-cell fit
+        S = 2 ** m
+        h, w = fx[m].shape[-2:]
+        p = grid(h, w, x.device)  # (1,2,h,w) cell indices
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            if cfg.match_features == "image":
+                mx, mg = image_features(x.float(), m), image_features(g.float(), m)
+            else:
+                mx, mg = fx[m].detach().float(), fg[m].detach().float()
+            if cfg.centre:  # both minus their mean over X's frame
+                mx = mx - mx.mean((2, 3), keepdim=True)
+                mg = mg - crop(mg, margin // S).mean((2, 3), keepdim=True)
+            q = search.match(mx, mg, cfg, margin // S)
+            flow = subcell(mx, mg, q) if transfer.subcell else (q - p).float()
+        # similarity score on the shared encoder's features: differentiable w.r.t. both feature maps
+        score = patch_cosine(fx[m].float(), fg[m].float(), q)
+
+        cell = p * S + (S - 1) / 2  # centre of each cell, input pixels
+        valid = (cell[:, :1] < input_hw[0]) & (cell[:, 1:] < input_hw[1])
+        if cfg.search == "prior":  # the box is where the guidance lies: positions outside it get none
+            inside = inside_box(box, (h, w), S)
+            score = score * inside.to(score.dtype)
+            valid = valid & inside
+        with torch.no_grad():
+            g_yx = sample_coords(placed.coords, (p + flow) * S + (S - 1) / 2)
+        self.last_matches = Matches(cell.expand(B, -1, -1, -1).float(), g_yx, score.detach(),
+                                    valid.expand(B, -1, -1, -1), S)
+
+        # 4. transfer on every level a fusion point needs
+        needed = {self.point_levels[name] for name in self.fusions}
+        return [transfer.fn(fg[l], flow, score, m - l) if l in needed else None for l in range(self.levels + 1)]
+
+    def fuse(self, name: str, feat: torch.Tensor, aligned: list[torch.Tensor | None]) -> torch.Tensor:
+        """Apply fusion point ``name`` to the backbone feature ``feat``; identity if it has none."""
+        fusion = self.fusions[name] if name in self.fusions else None
+        if fusion is None:
+            return feat
+        return fusion(feat, aligned[self.point_levels[name]].to(feat.dtype))
