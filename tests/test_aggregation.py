@@ -472,3 +472,55 @@ def test_positions_outside_the_centre_square_draw_from_guidance():
     m.valid = m.valid & outside
     hits, scored = match_hits(m, A, (8,))
     assert scored > 500 and hits[0] / scored > 0.6, (hits, scored)
+
+
+def _reference_coarse_vote(fx, fg, ok_x, ok_g, vote):
+    """The global search's coarse vote as plain loops (one sample): score of every (version, d) at p."""
+    C, h, w = fx.shape
+    V, _, hg, wg = fg.shape
+    r = vote // 2
+    gnorm = search_mod.patch_norm(fg)[:, 0]
+    scores = {}
+    for v in range(V):
+        for dy, dx in itertools.product(range(-(h - 1), hg), range(-(w - 1), wg)):
+            cos = torch.zeros(h, w, dtype=fx.dtype)
+            for py, px in itertools.product(range(h), range(w)):
+                qy, qx = py + dy, px + dx
+                if not (0 <= qy < hg and 0 <= qx < wg and ok_g[v, 0, qy, qx]):
+                    continue
+                num, nx = 0.0, 0.0
+                for oy, ox in itertools.product((-1, 0, 1), repeat=2):
+                    y, x = py + oy, px + ox
+                    if 0 <= y < h and 0 <= x < w:
+                        b = fg[v, :, y + dy, x + dx] if 0 <= y + dy < hg and 0 <= x + dx < wg else torch.zeros(C, dtype=fx.dtype)
+                        num, nx = num + float(fx[:, y, x] @ b), nx + float(fx[:, y, x] @ fx[:, y, x])
+                cos[py, px] = num / (max(nx, 1e-24) ** 0.5 * float(gnorm[v, qy, qx]))
+            for py, px in itertools.product(range(h), range(w)):
+                qy, qx = py + dy, px + dx
+                if not (0 <= qy < hg and 0 <= qx < wg and ok_g[v, 0, qy, qx]):
+                    continue
+                win = [(y, x) for y in range(py - r, py + r + 1) for x in range(px - r, px + r + 1)
+                       if 0 <= y < h and 0 <= x < w]
+                scores[v, dy, dx, py, px] = sum(float(cos[y, x]) for y, x in win if ok_x[0, 0, y, x]) \
+                    / sum(bool(ok_x[0, 0, y, x]) for y, x in win)
+    return scores
+
+
+def test_coarse_vote_equals_reference_loop():
+    torch.manual_seed(4)
+    fx = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    fg = torch.randn(2, 2, 3, 5, 6, dtype=torch.float64)
+    fg[1, 1, :, 1:5, 1:6] = fx[1, :, :, :]  # sample 1 has its X inside version 1 at d = (1, 1)
+    ok_x = torch.ones(1, 1, 4, 5, dtype=torch.bool)
+    ok_x[..., -1] = False  # the padded column is no part of the input
+    ok_g = torch.ones(2, 2, 1, 5, 6, dtype=torch.bool)
+    ok_g[:, 0, :, :, -2:] = False  # version 0 is narrower
+    best, version, d = search_mod.coarse_vote(fx, fg, ok_x, ok_g, 3)
+    for b in range(2):
+        ref = _reference_coarse_vote(fx[b], fg[b], ok_x, ok_g[b], 3)
+        for py, px in itertools.product(range(4), range(5)):
+            here = {k[:3]: s for k, s in ref.items() if k[3:] == (py, px)}
+            top = max(here, key=here.get)
+            assert best[b, py, px].item() == pytest.approx(here[top], abs=1e-9)
+            assert (int(version[b, py, px]), int(d[b, 0, py, px]), int(d[b, 1, py, px])) == top
+    assert (version[1, :, :4] == 1).all() and (d[1, :, :, :4] == 1).all()  # the real correspondence

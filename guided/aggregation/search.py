@@ -92,75 +92,77 @@ def place_global(x, guidance, box, cfg: AggregationConfig, margin: int) -> Place
         fx = image_features(x.float(), L)  # (B,6,h,w)
         h, w = fx.shape[-2:]
         cells = grid(h, w, x.device).float() * S + (S - 1) / 2
-        hw = x.new_tensor([Hp, Wp]).float()  # padded frame: its bottom/right rows mirror the input's edge
-        ok_x = (cells < hw.view(1, 2, 1, 1)).all(1, keepdim=True)
+        ok_x = (cells < x.new_tensor([Hp, Wp]).float().view(1, 2, 1, 1)).all(1, keepdim=True)  # (1,1,h,w)
+        # every version of every sample's G at the coarse level: the image averaged over each cell (as
+        # image_features pools X), then its features; padded to one size, with a mask of what is G
+        sizes = [[(max(S, round(Hg * float(zoom[b, 0]) * s)), max(S, round(Wg * float(zoom[b, 1]) * s)))
+                  for s, _ in versions] for b in range(B)]
+        feats = [[image_features(_flip(F.adaptive_avg_pool2d(guidance[b:b + 1].float(), (-(-sh // S), -(-sw // S))), m), 0)
+                  for (sh, sw), (_, m) in zip(sizes[b], versions)] for b in range(B)]
+        hv = max(f.shape[-2] for fs in feats for f in fs)
+        wv = max(f.shape[-1] for fs in feats for f in fs)
+        fg = torch.stack([torch.cat([F.pad(f, (0, wv - f.shape[-1], 0, hv - f.shape[-2])) for f in fs]) for fs in feats])
+        ok_g = torch.stack([torch.cat([F.pad(torch.ones_like(f[:, :1]), (0, wv - f.shape[-1], 0, hv - f.shape[-2]))
+                                       for f in fs]) for fs in feats]) > 0  # (B,V,1,hv,wv)
+        mx, mg = fx, fg
+        if cfg.centre:
+            mx = mx - (mx * ok_x).sum((2, 3), keepdim=True) / ok_x.sum().clamp_min(1)
+            mg = (mg - (mg * ok_g).sum((3, 4), keepdim=True) / ok_g.sum((3, 4), keepdim=True)) * ok_g
+        _, version, d = coarse_vote(mx, mg, ok_x, ok_g, cfg.coarse_vote)
         pix = frame_pixels(Hp, Wp, margin, x.device)
-        fields = []
-        for b in range(B):
-            fg, ok_g, sizes = [], [], []
-            for s, mirrored in versions:
-                size = (max(S, round(Hg * float(zoom[b, 0]) * s)), max(S, round(Wg * float(zoom[b, 1]) * s)))
-                gv = F.interpolate(guidance[b:b + 1].float(), size=size, mode="bilinear", antialias=True,
-                                   align_corners=False)
-                fg.append(image_features(gv.flip(-1) if mirrored else gv, L))
-                sizes.append(size)
-            hv = max(f.shape[-2] for f in fg)
-            wv = max(f.shape[-1] for f in fg)
-            ok_g = torch.cat([F.pad(torch.ones_like(f[:, :1]), (0, wv - f.shape[-1], 0, hv - f.shape[-2])) for f in fg]) > 0
-            fg = torch.cat([F.pad(f, (0, wv - f.shape[-1], 0, hv - f.shape[-2])) for f in fg])
-            mx, mg = fx[b:b + 1], fg
-            if cfg.centre:
-                mx = mx - (mx * ok_x).sum((2, 3), keepdim=True) / ok_x.sum().clamp_min(1)
-                mg = (mg - (mg * ok_g).sum((2, 3), keepdim=True) / ok_g.sum((2, 3), keepdim=True)) * ok_g
-            _, version, d = coarse_vote(mx, mg, ok_x, ok_g, cfg.coarse_vote)
-            fields.append(_local_maps(version, d, sizes, [m for _, m in versions], S, (Hg, Wg), ok_x[0, 0], pix))
-        coords = torch.cat(fields)
+        coords = torch.cat([_local_maps(version[b], d[b], sizes[b], [m for _, m in versions], S, (Hg, Wg),
+                                        ok_x[0, 0], pix) for b in range(B)])
     return Placed(_resample(guidance, coords.to(guidance.dtype), float(zoom.max())), coords)
+
+
+def _flip(t: torch.Tensor, mirrored: bool) -> torch.Tensor:
+    return t.flip(-1) if mirrored else t
 
 
 def coarse_vote(fx, fg, ok_x, ok_g, vote: int):
     """Dense global template search: for every X cell p, every version v of G and every displacement d
     with p + d inside G_v, the mean over p's ``vote``² neighbourhood (X cells only) of the 3×3-patch
     cosine between X at p' and G_v at p' + d (zero where p' + d leaves G_v; X's patch ends at X's edges,
-    G's norm is its whole patch's). One displacement row at a
-    time. fx (1,C,h,w), fg (V,C,hg,wg), ok_x (1,1,h,w) bool, ok_g (V,1,hg,wg) bool → best score (h,w),
-    version (h,w) long, displacement (2,h,w) long (in cells)."""
-    V, C, hg, wg = fg.shape
+    G's norm is its whole patch's). One displacement row at a time, every sample and version at once.
+    fx (B,C,h,w), fg (B,V,C,hg,wg), ok_x (1,1,h,w) bool, ok_g (B,V,1,hg,wg) bool → best score (B,h,w),
+    version (B,h,w) long, displacement (B,2,h,w) long (in cells)."""
+    B, V, C, hg, wg = fg.shape
     h, w = fx.shape[-2:]
     Ph, Pw = h - 1, w - 1
     Wp = wg + 2 * Pw
     Dx = wg + w - 1
-    fgp = F.pad(fg, (Pw, Pw, Ph, Ph)).permute(0, 2, 1, 3)  # (V,hg+2Ph,C,Wp)
-    ngp = F.pad(patch_norm(fg)[:, 0], (Pw, Pw, Ph, Ph), value=1.0)  # (V,hg+2Ph,Wp): whole 3×3 patch norms
-    okp = F.pad(ok_g[:, 0].to(fx.dtype), (Pw, Pw, Ph, Ph))
-    xr = fx[0].permute(1, 2, 0)  # (h,w,C)
-    nx = patch_norm(fx)[0]  # (1,h,w)
+    fgp = F.pad(fg, (Pw, Pw, Ph, Ph)).permute(0, 1, 3, 2, 4)  # (B,V,hg+2Ph,C,Wp)
+    ngp = F.pad(patch_norm(fg.flatten(0, 1)).view(B, V, hg, wg), (Pw, Pw, Ph, Ph), value=1.0)  # whole 3×3 patch norms
+    okp = F.pad(ok_g[:, :, 0].to(fx.dtype), (Pw, Pw, Ph, Ph))
+    xr = fx.permute(0, 2, 3, 1)[:, None]  # (B,1,h,w,C)
+    nx = patch_norm(fx)[:, None]  # (B,1,1,h,w)
     xm = ok_x[0].to(fx.dtype)  # (1,h,w)
     denom = box_sum(xm, vote).clamp_min(1e-6)  # X cells in each vote² window (windows cut at X's frame)
 
-    def bands(t):  # (V,h,w,Wp) contiguous → (V,Dx,h,w): t[v, y, x, x + j] for displacement index j
+    def bands(t):  # (B,V,h,w,Wp) contiguous → (B,V,Dx,h,w): t[b, v, y, x, x + j] for displacement index j
         st = t.stride()
-        return t.as_strided((V, h, w, Dx), (st[0], st[1], st[2] + st[3], st[3])).permute(0, 3, 1, 2)
+        return t.as_strided((B, V, h, w, Dx), (st[0], st[1], st[2], st[3] + st[4], st[4])).permute(0, 1, 4, 2, 3)
+
+    def cols(t):  # (B,V,h,Wp) → (B,V,Dx,h,w) view: t[b, v, y, x + j]
+        return t.unfold(3, w, 1).permute(0, 1, 3, 2, 4)
 
     neg = torch.finfo(fx.dtype).min
-    best = fx.new_full((h, w), neg)
-    arg_dy = torch.zeros(h, w, dtype=torch.long, device=fx.device)
+    best = fx.new_full((B, h, w), neg)
+    arg_dy = torch.zeros(B, h, w, dtype=torch.long, device=fx.device)
     arg_k = torch.zeros_like(arg_dy)
     for dy in range(-(h - 1), hg):
         rows = slice(dy + Ph, dy + Ph + h)
-        # every X row against its G row at once: (V,h,w,Wp) products, then the band x' = x + j of each
-        prod = torch.matmul(xr, fgp[:, rows].contiguous()).contiguous()
-        dot = bands(prod)
-        ng = ngp[:, rows].unfold(2, w, 1).permute(0, 2, 1, 3)
-        ok = okp[:, rows].unfold(2, w, 1).permute(0, 2, 1, 3) > 0
-        cos = box3(dot) / (nx * ng)
+        # every X row against its G row at once: (B,V,h,w,Wp) products, then the band x' = x + j of each
+        dot = bands(torch.matmul(xr, fgp[:, :, rows]).contiguous())
+        ok = cols(okp[:, :, rows]) > 0
+        cos = box3(dot) / (nx * cols(ngp[:, :, rows]))
         votes = (box_sum(cos * ok * xm, vote) / denom).masked_fill(~ok, neg)
-        val, k = votes.reshape(V * Dx, h, w).max(0)
+        val, k = votes.reshape(B, V * Dx, h, w).max(1)
         upd = val > best
         best = torch.where(upd, val, best)
         arg_dy = torch.where(upd, torch.full_like(arg_dy, dy), arg_dy)
         arg_k = torch.where(upd, k, arg_k)
-    return best, arg_k // Dx, torch.stack([arg_dy, arg_k % Dx - (w - 1)])
+    return best, arg_k // Dx, torch.stack([arg_dy, arg_k % Dx - (w - 1)], 1)
 
 
 def _local_maps(version, d, sizes, mirrored, S, guidance_hw, ok_x, pix) -> torch.Tensor:
