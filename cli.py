@@ -686,27 +686,28 @@ def eval_cmd(
 @app.command("demo")
 @user_errors
 def demo(out_dir: Path = typer.Option(Path("tdr-demo"), "--out", help="Folder for the demo store, runs and report."),
-         iters: int = typer.Option(600, "--iters", min=1, help="Iterations of each continued run (guided / unguided)."),
-         base_iters: int = typer.Option(300, "--base-iters", min=1, help="Iterations of the unguided baseline.")) -> None:
+         iters: Optional[int] = typer.Option(None, "--iters", min=1, help="Iterations of each continued run (unguided / guided; default 500)."),
+         base_iters: Optional[int] = typer.Option(None, "--base-iters", min=1, help="Iterations of the unguided baseline (default 300).")) -> None:
     """Run the whole flow on the built-in demo dataset with tiny models (no GPU, no weights), a few minutes.
 
     Example: tdr demo --out demo-run
     """
     import torch
 
-    from .demo import DemoSettings, run_demo
+    from .demo import RUNS, DemoSettings, run_demo
 
     _quiet_model_libraries()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     with err.status("demo") as status:
-        result = run_demo(out_dir, DemoSettings(iters=iters, base_iters=base_iters),
+        given = {k: v for k, v in (("iters", iters), ("base_iters", base_iters)) if v is not None}
+        result = run_demo(out_dir, DemoSettings(**given),
                           progress=lambda message: (status.update(message), err.print(message, highlight=False)))
     table = Table(title=f"demo: test split, {result.seconds / 60:.1f} min")
     for col in ("model", "PSNR (dB)", "SSIM"):
         table.add_column(col)
     table.add_row("degraded input", f"{result.input_psnr:.2f}", "")
     for name, m in result.metrics.items():
-        table.add_row(name, f"{m['psnr']:.2f}", f"{m['ssim']:.4f}")
+        table.add_row(RUNS[name], f"{m['psnr']:.2f}", f"{m['ssim']:.4f}")
     out.print(table)
     out.print(f"report: {result.report}", highlight=False)
 

@@ -17,18 +17,22 @@ def test_demo_writes_report_with_table_and_pictures(tmp_path):
     assert result.exit_code == 0, result.output
     assert "report:" in result.output
     report = (out / "report" / "README.md").read_text()
-    for name in ("baseline", "unguided", "guided", "degraded input"):
+    for name in ("baseline", "unguided", "guided: content views", "aligned-content \\(upper bound\\)", "degraded input"):
         assert re.search(rf"\| {name} \| \d+\.\d\d \|", report), name
+    assert "upper bound, not evidence" in report
     pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
     assert "loss.png" in pictures and len(pictures) >= 8
     for pic in pictures:
         with Image.open(out / "report" / pic) as img:
             assert img.width > 50 and img.height > 50
     metrics = json.loads((out / "report" / "metrics.json").read_text())
-    assert set(metrics) == {"input_psnr", "baseline", "unguided", "guided"}
-    # the store holds the tiny pipeline's guidance and the aligned-content group, both complete for test
+    assert set(metrics) == {"input_psnr", "baseline", "unguided", "guided", "aligned"}
+    # the store holds the tiny pipeline's guidance and the two stand-ins, complete for test, each with
+    # its provenance; the runs used the search that provenance calls for
     facts = json.loads(CliRunner().invoke(app, ["cache", "info", str(out / "demo.zarr"), "--json"]).output)
-    assert len(facts["guidance"]) == 2
+    assert sorted(g["provenance"] for g in facts["guidance"].values()) == ["aligned", "generated", "unknown"]
+    assert json.loads((out / "runs" / "guided" / "config.json").read_text())["search"] == "global"
+    assert json.loads((out / "runs" / "aligned" / "config.json").read_text())["search"] == "prior"
     assert all(g["splits"]["test"]["missing"] == 0 for g in facts["guidance"].values())
     # rerunning reuses what is there
     again = CliRunner().invoke(app, ["demo", "--out", str(out), "--iters", "4", "--base-iters", "4"])
