@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from tdr.guided.aggregation import SEARCHES, AggregationConfig
+
 CASES = ("backbone", "prepare", "guided")
 
 
@@ -86,7 +88,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=384)
     p.add_argument("--guidance", type=int, default=512)
-    p.add_argument("--search", default="prior", choices=["prior", "global"])
+    p.add_argument("--search", default=AggregationConfig().search, choices=SEARCHES)
     p.add_argument("--train", action="store_true", help="forward + backward instead of a no-grad forward")
     p.add_argument("--checkpoint-fusion", action="store_true", help="recompute fusion blocks in backward")
     p.add_argument("--device", default="cpu")

@@ -25,12 +25,14 @@ SCHEMA = 2
 SCHEMAS = (1, 2)  # readable: older ones go through migrate()
 
 
-def build_model(backbone: str, *, guided: bool, fuse: str = "enc+dec", search: str = "global",
-                layout: str = "center", match: str = "image", transfer: str = "bilinear") -> torch.nn.Module:
-    """A backbone from the registry, guided (with dynamic aggregation) or plain."""
+def build_model(backbone: str, *, guided: bool, fuse: str = "enc+dec", search: str | None = None,
+                layout: str | None = None, match: str | None = None, transfer: str | None = None) -> torch.nn.Module:
+    """A backbone from the registry, guided (with dynamic aggregation) or plain; aggregation settings not
+    given keep ``AggregationConfig``'s defaults."""
     from .backbones import build_backbone
 
-    agg = AggregationConfig(search=search, layout=layout, match_features=match, transfer=transfer)
+    given = dict(search=search, layout=layout, match_features=match, transfer=transfer)
+    agg = AggregationConfig(**{k: v for k, v in given.items() if v is not None})
     return build_backbone(backbone, guided=guided, fuse=fuse, aggregation=agg)
 
 
