@@ -125,5 +125,6 @@ def test_schema_1_runs_load_with_the_search_they_used(tmp_path):
     loaded, cfg = load_run(tmp_path / "old.pt")
     assert cfg["search"] == "masa" and loaded.agg.config.search == "masa"
     assert loaded.agg.config.match_features == "encoder" and loaded.agg.config.transfer == "patch"
+    config |= {"match": "image", "transfer": "bilinear"}  # what every schema-2 run records
     save(tmp_path / "new.pt", {"schema": 2, "config": config, "step": 1, "model": model.state_dict()})
     assert load_run(tmp_path / "new.pt")[0].agg.config.search == "global"
