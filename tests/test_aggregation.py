@@ -516,6 +516,8 @@ def test_coarse_vote_equals_reference_loop():
     ok_g = torch.ones(2, 2, 1, 5, 6, dtype=torch.bool)
     ok_g[:, 0, :, :, -2:] = False  # version 0 is narrower
     best, version, d = search_mod.coarse_vote(fx, fg, ok_x, ok_g, 3)
+    one_row = search_mod.coarse_vote(fx, fg, ok_x, ok_g, 3, budget=1)  # one displacement row per chunk
+    assert torch.equal(one_row[0], best) and torch.equal(one_row[1], version) and torch.equal(one_row[2], d)
     for b in range(2):
         ref = _reference_coarse_vote(fx[b], fg[b], ok_x, ok_g[b], 3)
         for py, px in itertools.product(range(4), range(5)):
@@ -524,3 +526,17 @@ def test_coarse_vote_equals_reference_loop():
             assert best[b, py, px].item() == pytest.approx(here[top], abs=1e-9)
             assert (int(version[b, py, px]), int(d[b, 0, py, px]), int(d[b, 1, py, px])) == top
     assert (version[1, :, :4] == 1).all() and (d[1, :, :, :4] == 1).all()  # the real correspondence
+
+
+def test_coarse_vote_whole_window_shortcut_agrees():
+    """Windows that hold all of X (small training crops) take a shortcut: the same answer as box sums."""
+    torch.manual_seed(5)
+    fx, fg = torch.randn(1, 3, 3, 4, dtype=torch.float64), torch.randn(1, 2, 3, 5, 6, dtype=torch.float64)
+    ok_x, ok_g = torch.ones(1, 1, 3, 4, dtype=torch.bool), torch.ones(1, 2, 1, 5, 6, dtype=torch.bool)
+    fast = search_mod.coarse_vote(fx, fg, ok_x, ok_g, 7)
+    ref = _reference_coarse_vote(fx[0], fg[0], ok_x, ok_g[0], 7)
+    for py, px in itertools.product(range(3), range(4)):
+        here = {k[:3]: s for k, s in ref.items() if k[3:] == (py, px)}
+        top = max(here, key=here.get)
+        assert fast[0][0, py, px].item() == pytest.approx(here[top], abs=1e-9)
+        assert (int(fast[1][0, py, px]), int(fast[2][0, 0, py, px]), int(fast[2][0, 1, py, px])) == top

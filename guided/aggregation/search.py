@@ -97,8 +97,14 @@ def place_global(x, guidance, box, cfg: AggregationConfig, margin: int) -> Place
         # image_features pools X), then its features; padded to one size, with a mask of what is G
         sizes = [[(max(S, round(Hg * float(zoom[b, 0]) * s)), max(S, round(Wg * float(zoom[b, 1]) * s)))
                   for s, _ in versions] for b in range(B)]
-        feats = [[image_features(_flip(F.adaptive_avg_pool2d(guidance[b:b + 1].float(), (-(-sh // S), -(-sw // S))), m), 0)
-                  for (sh, sw), (_, m) in zip(sizes[b], versions)] for b in range(B)]
+        # shrink G once (a power of two that keeps ≥ 2 pixels per cell of the largest version), then pool
+        # each scale's cells from it; a mirrored version is its plain one flipped
+        top = max(max(-(-sh // S), -(-sw // S)) for sz in sizes for sh, sw in sz)
+        f = 2 ** max(0, int(math.log2(max(1, min(Hg, Wg) // (2 * top)))))
+        small = F.avg_pool2d(guidance.float(), f, ceil_mode=True) if f > 1 else guidance.float()
+        cell_maps = [{s: F.adaptive_avg_pool2d(small[b:b + 1], (-(-sh // S), -(-sw // S)))
+                      for (sh, sw), (s, _) in zip(sizes[b], versions)} for b in range(B)]
+        feats = [[image_features(_flip(cell_maps[b][s], m), 0) for s, m in versions] for b in range(B)]
         hv = max(f.shape[-2] for fs in feats for f in fs)
         wv = max(f.shape[-1] for fs in feats for f in fs)
         fg = torch.stack([torch.cat([F.pad(f, (0, wv - f.shape[-1], 0, hv - f.shape[-2])) for f in fs]) for fs in feats])
@@ -119,11 +125,12 @@ def _flip(t: torch.Tensor, mirrored: bool) -> torch.Tensor:
     return t.flip(-1) if mirrored else t
 
 
-def coarse_vote(fx, fg, ok_x, ok_g, vote: int):
+def coarse_vote(fx, fg, ok_x, ok_g, vote: int, budget: int = 1 << 22):
     """Dense global template search: for every X cell p, every version v of G and every displacement d
     with p + d inside G_v, the mean over p's ``vote``² neighbourhood (X cells only) of the 3×3-patch
     cosine between X at p' and G_v at p' + d (zero where p' + d leaves G_v; X's patch ends at X's edges,
-    G's norm is its whole patch's). One displacement row at a time, every sample and version at once.
+    G's norm is its whole patch's). Displacement rows in chunks of about ``budget`` elements, every sample
+    and version at once.
     fx (B,C,h,w), fg (B,V,C,hg,wg), ok_x (1,1,h,w) bool, ok_g (B,V,1,hg,wg) bool → best score (B,h,w),
     version (B,h,w) long, displacement (B,2,h,w) long (in cells)."""
     B, V, C, hg, wg = fg.shape
@@ -131,37 +138,43 @@ def coarse_vote(fx, fg, ok_x, ok_g, vote: int):
     Ph, Pw = h - 1, w - 1
     Wp = wg + 2 * Pw
     Dx = wg + w - 1
-    fgp = F.pad(fg, (Pw, Pw, Ph, Ph)).permute(0, 1, 3, 2, 4)  # (B,V,hg+2Ph,C,Wp)
-    ngp = F.pad(patch_norm(fg.flatten(0, 1)).view(B, V, hg, wg), (Pw, Pw, Ph, Ph), value=1.0)  # whole 3×3 patch norms
-    okp = F.pad(ok_g[:, :, 0].to(fx.dtype), (Pw, Pw, Ph, Ph))
-    xr = fx.permute(0, 2, 3, 1)[:, None]  # (B,1,h,w,C)
-    nx = patch_norm(fx)[:, None]  # (B,1,1,h,w)
+    # G padded so that every displacement row is a window of h rows: (B,V,rows,C,Wp,h) views
+    fgp = F.pad(fg, (Pw, Pw, Ph, Ph)).permute(0, 1, 3, 2, 4).unfold(2, h, 1)
+    ngp = F.pad(patch_norm(fg.flatten(0, 1)).view(B, V, hg, wg), (Pw, Pw, Ph, Ph), value=1.0).unfold(2, h, 1)
+    okp = F.pad(ok_g[:, :, 0].to(fx.dtype), (Pw, Pw, Ph, Ph)).unfold(2, h, 1)  # (B,V,rows,Wp,h)
+    xr = fx.permute(0, 2, 3, 1)[:, None, None]  # (B,1,1,h,w,C)
+    nx = patch_norm(fx)[:, None, None]  # (B,1,1,1,h,w)
     xm = ok_x[0].to(fx.dtype)  # (1,h,w)
     denom = box_sum(xm, vote).clamp_min(1e-6)  # X cells in each vote² window (windows cut at X's frame)
-
-    def bands(t):  # (B,V,h,w,Wp) contiguous → (B,V,Dx,h,w): t[b, v, y, x, x + j] for displacement index j
-        st = t.stride()
-        return t.as_strided((B, V, h, w, Dx), (st[0], st[1], st[2], st[3] + st[4], st[4])).permute(0, 1, 4, 2, 3)
-
-    def cols(t):  # (B,V,h,Wp) → (B,V,Dx,h,w) view: t[b, v, y, x + j]
-        return t.unfold(3, w, 1).permute(0, 1, 3, 2, 4)
-
+    whole = vote // 2 >= max(h, w) - 1
     neg = torch.finfo(fx.dtype).min
     best = fx.new_full((B, h, w), neg)
     arg_dy = torch.zeros(B, h, w, dtype=torch.long, device=fx.device)
     arg_k = torch.zeros_like(arg_dy)
-    for dy in range(-(h - 1), hg):
-        rows = slice(dy + Ph, dy + Ph + h)
-        # every X row against its G row at once: (B,V,h,w,Wp) products, then the band x' = x + j of each
-        dot = bands(torch.matmul(xr, fgp[:, :, rows]).contiguous())
-        ok = cols(okp[:, :, rows]) > 0
-        cos = box3(dot) / (nx * cols(ngp[:, :, rows]))
-        votes = (box_sum(cos * ok * xm, vote) / denom).masked_fill(~ok, neg)
-        val, k = votes.reshape(B, V * Dx, h, w).max(1)
+    rows_per_chunk = max(1, budget // max(1, B * V * h * w * max(Dx, C * Wp // h)))
+    for r0 in range(0, hg + h - 1, rows_per_chunk):  # displacement rows dy = r − (h − 1), a chunk at once
+        r1 = min(r0 + rows_per_chunk, hg + h - 1)
+        K = r1 - r0
+        # every X row against its G row: (B,V,K,h,w,Wp) products, then the band x' = x + j of each
+        prod = torch.matmul(xr, fgp[:, :, r0:r1].permute(0, 1, 2, 5, 3, 4)).contiguous()
+        st = prod.stride()
+        dot = prod.as_strided((B, V, K, h, w, Dx), (st[0], st[1], st[2], st[3], st[4] + st[5], st[5])) \
+            .permute(0, 1, 2, 5, 3, 4)  # (B,V,K,Dx,h,w)
+
+        def cols(t):  # (B,V,K,Wp,h) → (B,V,K,Dx,h,w) view: t[…, x + j, y]
+            return t.permute(0, 1, 2, 4, 3).unfold(4, w, 1).permute(0, 1, 2, 4, 3, 5)
+
+        ok = cols(okp[:, :, r0:r1]) > 0
+        cos = box3(dot) / (nx * cols(ngp[:, :, r0:r1]))
+        if whole:  # every window holds all of X (small crops): one sum per displacement
+            votes = ((cos * ok * xm).sum((-2, -1), keepdim=True) / denom).masked_fill(~ok, neg)
+        else:
+            votes = (box_sum(cos * ok * xm, vote) / denom).masked_fill(~ok, neg)
+        val, idx = votes.permute(0, 2, 1, 3, 4, 5).reshape(B, K * V * Dx, h, w).max(1)
         upd = val > best
         best = torch.where(upd, val, best)
-        arg_dy = torch.where(upd, torch.full_like(arg_dy, dy), arg_dy)
-        arg_k = torch.where(upd, k, arg_k)
+        arg_dy = torch.where(upd, idx // (V * Dx) + r0 - (h - 1), arg_dy)
+        arg_k = torch.where(upd, idx % (V * Dx), arg_k)
     return best, arg_k // Dx, torch.stack([arg_dy, arg_k % Dx - (w - 1)], 1)
 
 
