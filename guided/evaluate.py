@@ -23,7 +23,7 @@ from ..cache import open_store
 from ..cache.errors import StoreError, TdrError
 from .aggregation import guidance_box
 from .checkpoint import build_model, is_run_checkpoint, load_file, migrate
-from .config import EvalConfig
+from .config import EvalConfig, resolve_search
 from .data import layout_square
 from .metrics import MetricAverager, MetricConvention, psnr
 
@@ -195,6 +195,8 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> EvalResult
     model, run_cfg = load_run(config.checkpoint, use_ema=config.use_ema, device=device, backbone=config.backbone)
     group = config.group or (run_cfg.get("group") if run_cfg.get("group") in store.guidance_ids() else None)
     source = GuidanceSource(store, config.split, run_cfg["guidance"], group)
+    if source.gs is not None:  # a run trained on aligned guidance with the prior search, scored on other guidance
+        resolve_search(run_cfg.get("search", "global"), source.gs.provenance, source.gs.id)
     conv = metric_convention(store.metric)
     data_range = 65535 if sp.dtype == np.uint16 else None
     out_dir = Path(config.out) if config.out else Path(config.checkpoint).parent / f"eval-{config.split}"

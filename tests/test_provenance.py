@@ -128,3 +128,15 @@ def test_schema_1_runs_load_with_the_search_they_used(tmp_path):
     config |= {"match": "image", "transfer": "bilinear"}  # what every schema-2 run records
     save(tmp_path / "new.pt", {"schema": 2, "config": config, "step": 1, "model": model.state_dict()})
     assert load_run(tmp_path / "new.pt")[0].agg.config.search == "global"
+
+
+def test_eval_refuses_a_prior_run_on_guidance_that_is_not_aligned(data, tmp_path):
+    """A run trained with the prior search on aligned guidance, scored on a group of unknown geometry."""
+    url = store_with(data, tmp_path, "--aligned")
+    out = tmp_path / "run"
+    train(TrainConfig(store=url, out=str(out), backbone="nafnet-test", iters=1, patch=32, batch_size=1, val_every=0))
+    for split in ("train", "test"):
+        run("cache", "import-guidance", url, "--split", split, "--from", str(data / split / "guidance"), "--force")
+    unknown = open_store(url).guidance().id
+    result = run("eval", "--checkpoint", str(out / "last.pt"), "--store", url, "--group", unknown, code=1)
+    assert "search 'prior'" in result.output and "Traceback" not in result.output
