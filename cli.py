@@ -244,6 +244,13 @@ def cache_info(store: str = typer.Argument(..., help="Store location."),
             table.add_row(name, str(s["done"]), str(s["missing"]))
         out.print(table)
         out.print("fingerprint: " + ", ".join(f"{k}={v}" for k, v in sorted(g["fingerprint"].items())), highlight=False)
+        if g.get("captions"):
+            c = g["captions"]
+            out.print(f"captions: {c['count']} ({c['edited']} edited); 'tdr cache captions {store} --group {gid}' "
+                      "lists them all", highlight=False)
+            for rec in c["sample"]:
+                out.print(f"  {rec['split']}/{rec['id']}: {rec['raw']!r} -> {rec['prompt']!r}", highlight=False,
+                          markup=False)
 
 
 @cache_app.command("verify")
@@ -315,6 +322,44 @@ def cache_export(store: str = typer.Argument(..., help="Store location."),
     out.print(f"exported {summary.written} guidance images from group {summary.group} to {to}", highlight=False)
     if summary.missing:
         out.print(f"{len(summary.missing)} image(s) have no guidance yet, first: {summary.missing[0]}", highlight=False)
+
+
+@cache_app.command("captions")
+@user_errors
+def cache_captions(store: str = typer.Argument(..., help="Store location."),
+                   group: Optional[str] = typer.Option(None, "--group", help="Guidance group id (default: the store's)."),
+                   split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits (default: all)."),
+                   edits: Optional[list[Path]] = typer.Option(None, "--from", help="captions.jsonl with edited prompts: store them and remove the guidance made from the old ones (repeatable)."),
+                   storage_option: list[str] = _storage_option()) -> None:
+    """List the captions of a --source caption group as JSON lines, or store hand-edited prompts.
+
+    Fix captions by hand: list them into a file, edit the "prompt" of some lines, import the file with
+    --from, then rerun the same 'tdr generate-guidance --source caption': only the edited images are made again.
+
+    Example: tdr cache captions gopro.zarr > captions.jsonl; tdr cache captions gopro.zarr --from captions.jsonl
+    """
+    from .cache import captions, open_store
+
+    options = _options(storage_option)
+    if not edits:
+        st = open_store(store, storage_options=options)
+        gs = st.guidance(group)
+        if not captions.has_captions(gs):
+            raise TdrError(f"Guidance group {gs.id} has no captions (only --source caption stores them).")
+        for rec in captions.records(gs, _split_list(split)):
+            print(json.dumps(rec, ensure_ascii=False))
+        return
+    st = open_store(store, "a", options)
+    gs = st.guidance(group)
+    records = [rec for path in edits for rec in captions.read_jsonl(path)]
+    if split:
+        records = [r for r in records if r["split"] in _split_list(split)]
+    summary = captions.apply_edits(st, gs, records)
+    out.print(f"{len(summary.changed)} caption(s) changed, {summary.unchanged} unchanged; guidance removed for "
+              f"{summary.invalidated} image(s) of group {gs.id}.", highlight=False)
+    if summary.changed:
+        out.print("Rerun the same 'tdr generate-guidance --source caption …' to make their guidance from the new "
+                  "prompts.", highlight=False)
 
 
 @cache_app.command("merge")
@@ -482,8 +527,11 @@ def generate_guidance(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet (pays off for large jobs on GPU)."),
     sd_model: str = typer.Option("stabilityai/stable-diffusion-2-1-base", "--sd-model", help="Hub id or local folder (diffusers layout)."),
     clip_model: str = typer.Option("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "--clip-model", help="Hub id or local folder."),
-    mapper: Optional[Path] = typer.Option(None, "--mapper", help="Mapper checkpoint from 'tdr train-mapper'."),
-    cleaner: Optional[Path] = typer.Option(None, "--cleaner", help="Cleaner checkpoint from 'tdr train-cleaner'."),
+    source: str = typer.Option("textual", "--source", help="Guidance source: textual (mapper + cleaner, the method), mapper-only (no cleaner) or caption (BLIP-2 caption without degradation words; no training)."),
+    caption_model: Optional[str] = typer.Option(None, "--caption-model", help="--source caption: image-to-text model, hub id or folder (default Salesforce/blip2-opt-2.7b)."),
+    caption_words: Optional[Path] = typer.Option(None, "--caption-words", help="--source caption: file of extra degradation words/phrases, one per line."),
+    mapper: Optional[str] = typer.Option(None, "--mapper", help="Mapper: train-mapper's last.pt, its pretrained/ folder, or a Hub id in the HF cache."),
+    cleaner: Optional[str] = typer.Option(None, "--cleaner", help="Cleaner: train-cleaner's last.pt, its pretrained/ folder, or a Hub id in the HF cache."),
     preset: str = typer.Option("full", "--preset", help="full: real models; tiny: tiny random models (tests, demo)."),
     allow_untrained: bool = typer.Option(False, "--allow-untrained", help="Run real models with a random mapper/cleaner."),
     size: int = typer.Option(512, "--size", min=64, help="Guidance side in pixels (SD-2.1-base: 512)."),
@@ -495,6 +543,9 @@ def generate_guidance(
     """Make guidance images for a dataset and write them into its store (resumable).
 
     Example: tdr generate-guidance --dataset gopro --root ~/data/GOPRO_Large --store gopro.zarr --mapper m.pt --cleaner c.pt
+
+    Each --source writes its own guidance group in the store (pick one with 'tdr train --group');
+    --source caption also stores every image's raw and cleaned caption ('tdr cache captions').
     """
     if layout not in ("center", "full"):
         raise typer.BadParameter("must be 'center' or 'full'", param_hint="--layout")
@@ -502,17 +553,31 @@ def generate_guidance(
         raise typer.BadParameter("must be fp16, bf16 or fp32", param_hint="--dtype")
     if preset not in ("full", "tiny"):
         raise typer.BadParameter("must be 'full' or 'tiny'", param_hint="--preset")
+    from .pipeline.sources import SOURCES
+
+    if source not in SOURCES:
+        raise typer.BadParameter(f"must be one of {', '.join(SOURCES)}", param_hint="--source")
+    if source != "caption" and (caption_model or caption_words):
+        raise typer.BadParameter("only with --source caption", param_hint="--caption-model/--caption-words")
+    unused = [flag for flag, value, kind in (("--mapper", mapper, "mapper"), ("--cleaner", cleaner, "cleaner"))
+              if value and kind in SOURCES[source].without]
+    if unused:
+        raise typer.BadParameter(f"not used by --source {source}", param_hint="/".join(unused))
     import torch
 
     _quiet_model_libraries()
     from contextlib import ExitStack
 
-    from .pipeline import GuidancePipeline, fingerprint, load_components
+    from .pipeline import GuidancePipeline, load_components, source_fingerprint
+    from .pipeline.degradation_words import load_word_file
     from .pipeline.generate import SamplingSettings, generate, open_for_generation
+    from .pipeline.models import default_dtype
+    from .pipeline.sources import build_source
 
     options = _options(storage_option)
     settings = SamplingSettings(steps=steps, scale=scale, seed=seed, layout=layout, size=size)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    words = load_word_file(caption_words) if caption_words else ()
     if dev.startswith("cuda") and not torch.cuda.is_available() and not scheduler:
         raise TdrError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
     with ExitStack() as stack:
@@ -523,21 +588,25 @@ def generate_guidance(
 
             spec = ModelSpec(sd_model, clip_model, str(mapper) if mapper else None, str(cleaner) if cleaner else None,
                              preset, device, DTYPES[dtype] if dtype else None, allow_untrained, compile,
-                             None if scheduler else torch.get_num_threads())  # CPU: same threads, same bits
+                             None if scheduler else torch.get_num_threads(),  # CPU: same threads, same bits
+                             source, caption_model, words)
             client = stack.enter_context(Client(scheduler) if scheduler else Client(stack.enter_context(local_cluster(workers))))
             model_fp = load_on_workers(client, spec)
             run = functools.partial(generate_distributed, client, spec, store, storage_options=options,
                                     model_fingerprint=model_fp)
         else:
+            torch_dtype = getattr(torch, DTYPES[dtype]) if dtype else default_dtype(dev)
+            guidance_source = build_source(source, device=dev, dtype=torch_dtype, caption_model=caption_model,
+                                           caption_words=words)
             models = load_components(sd_model, clip_model, mapper_ckpt=mapper, cleaner_ckpt=cleaner, device=dev,
-                                     dtype=getattr(torch, DTYPES[dtype]) if dtype else None, preset=preset,
-                                     allow_untrained=allow_untrained)
+                                     dtype=torch_dtype, preset=preset, allow_untrained=allow_untrained,
+                                     without=guidance_source.without)
         with progress_bar("ingest") as update:
             st, splits = open_for_generation(store, dataset, str(root) if root else None, _split_list(split), options,
                                              ingest_progress=lambda s, d, t: update(d, t, f"ingest {s}"))
         if not (workers or scheduler):
-            run = functools.partial(generate, st, pipe=GuidancePipeline(models, compile=compile),
-                                    model_fingerprint=fingerprint(models))
+            run = functools.partial(generate, st, pipe=GuidancePipeline(models, source=guidance_source, compile=compile),
+                                    model_fingerprint=source_fingerprint(models, guidance_source))
         with progress_bar("guidance") as update:
             def report(event: dict) -> None:
                 if event["event"] == "plan":

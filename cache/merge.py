@@ -43,11 +43,15 @@ def content_index(gs: GuidanceSet, done: Mapping[str, np.ndarray] | None = None)
 
 
 def copy_guidance(src: GuidanceSet, src_row: Row, dst: GuidanceSet, dst_row: Row) -> bool:
-    """Copy one image's guidance; False (nothing written) if the source chunk is unreadable."""
+    """Copy one image's guidance (its caption first, if it has one); False (nothing written) if the source
+    chunk is unreadable."""
+    from . import captions
+
     try:
         image = src.array(src_row[0])[src_row[1]]
     except Exception:
         return False
+    captions.copy(src, src_row, dst, dst_row)
     dst.write(dst_row[0], dst_row[1], image)
     return True
 

@@ -7,6 +7,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import captions
 from .store import Store, pixel_sha256
 
 
@@ -48,6 +49,10 @@ def info(store: Store) -> dict:
         out["guidance"][gid] = {"fingerprint": gs.fingerprint, "size": gs.size, "provenance": gs.provenance,
                                 "layout": gs.layout, "splits": per_split,
                                 "bytes": store.nbytes(f"guidance/{gid}")}
+        if captions.has_captions(gs):
+            recs = captions.records(gs)
+            out["guidance"][gid]["captions"] = {"count": len(recs), "edited": sum(bool(r["edited"]) for r in recs),
+                                                "sample": recs[:3]}
     out["bytes"] = store.nbytes()
     return out
 

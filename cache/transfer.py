@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from . import captions
 from .errors import StoreError
 from .images import read_image, write_png
 from .ingest import bounded_map
@@ -96,7 +97,10 @@ def import_guidance(store: Store, split: str, folder: str | Path, *, aligned: bo
 
 def export_guidance(store: Store, folder: str | Path, *, splits: list[str] | None = None, gid: str | None = None,
                     progress: Callable[[int, int], None] | None = None) -> TransferSummary:
-    """Write guidance as ``folder/<split>/<id>.png``; images without guidance are listed as missing."""
+    """Write guidance as ``folder/<split>/<id>.png``; images without guidance are listed as missing.
+
+    A group made by the ``caption`` source also gets ``folder/<split>/captions.jsonl`` (one
+    ``{"split", "id", "raw", "prompt", "edited"}`` per line; ``tdr cache captions --from`` reads it back)."""
     gs = store.guidance(gid)
     folder = Path(folder)
     names = splits or [s for s in store.splits if s in gs.group]
@@ -115,4 +119,10 @@ def export_guidance(store: Store, folder: str | Path, *, splits: list[str] | Non
         written += 1
         if progress:
             progress(written, len(todo))
+    if captions.has_captions(gs):  # the text each exported image was made from, beside the PNGs
+        for name in names:
+            rows = captions.records(gs, [name])
+            if rows:
+                (folder / name).mkdir(parents=True, exist_ok=True)
+                captions.write_jsonl(rows, folder / name / "captions.jsonl")
     return TransferSummary(written=written, missing=missing, group=gs.id)

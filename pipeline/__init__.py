@@ -3,7 +3,8 @@ Textual Representations", CVPR 2024).
 
 CLIP image encoder -> mapper (image to 20 words) -> cleaner (remove the degradation from the words) ->
 text encoder (words injected into "a photo of a S") -> DDIM + classifier-free guidance on Stable Diffusion
-2.1-base -> VAE decode -> uint8 RGB guidance.
+2.1-base -> VAE decode -> uint8 RGB guidance. The part before DDIM is a guidance *source*
+(:mod:`tdr.pipeline.sources`: ``textual``, the above; ``mapper-only``; ``caption``).
 
     models = load_components(sd_model, clip_model, mapper_ckpt=..., cleaner_ckpt=..., device="cuda")
     guidance = GuidancePipeline(models)(images, ids, steps=200, scale=5.0, seed=0)   # (B, 512, 512, 3) uint8
@@ -16,20 +17,27 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .attention import install_mapper_kv
+from .attention import install_mapper_kv, select_backend
 from .clip import LAYOUTS, encode_image, preprocess
-from .injection import encode_injected, encode_prompt
+from .injection import encode_prompt
 from .models import GuidanceModels, file_sha256, fingerprint, load_components
 from .sampler import ddim_sample, decode_float, initial_noise, latent_scale, make_scheduler, to_uint8
+from .sources import TextualSource
 
-__all__ = ["GuidanceModels", "GuidancePipeline", "file_sha256", "fingerprint", "load_components"]
+__all__ = ["GuidanceModels", "GuidancePipeline", "file_sha256", "fingerprint", "load_components", "source_fingerprint"]
+
+
+def source_fingerprint(models: GuidanceModels, source=None) -> dict:
+    """The models' :func:`fingerprint` plus the source's entries (none for ``textual``)."""
+    return {**fingerprint(models), **(source.fingerprint() if source is not None else {})}
 
 
 class GuidancePipeline:
     """Makes guidance images from degraded images with :class:`GuidanceModels`.
 
     Args:
-        models: from :func:`load_components`.
+        models: from :func:`load_components` (``without=source.without``).
+        source: a guidance source of :mod:`tdr.pipeline.sources` (default: ``textual``).
         attention: cross-attention backend, ``"auto"`` (xformers if it truly runs, else torch SDPA),
             ``"sdpa"`` or ``"xformers"``; the one chosen is ``self.attention_backend``.
         compile: ``torch.compile`` the UNet: ``False``, ``True`` (default mode) or a mode name
@@ -48,13 +56,19 @@ class GuidancePipeline:
         self,
         models: GuidanceModels,
         *,
+        source=None,
         attention: str = "auto",
         compile: bool | str = False,
         batch_invariant: bool | None = None,
         decode_chunk: int = 8,
     ):
         self.models = models
-        self.attention_backend = install_mapper_kv(models.unet, models.mapper, attention)
+        self.source = source or TextualSource()
+        if models.mapper is not None:
+            self.attention_backend = install_mapper_kv(models.unet, models.mapper, attention)
+        else:  # no mapper k/v copies: the UNet's own cross-attention, diffusers' default processor
+            select_backend(attention, models.device)
+            self.attention_backend = "sdpa"
         self.compile_mode = ("default" if compile is True else compile) or None
         self.unet = torch.compile(models.unet, mode=self.compile_mode) if self.compile_mode else models.unet
         self._cudagraphs = self.compile_mode in ("reduce-overhead", "max-autotune")
@@ -97,9 +111,29 @@ class GuidancePipeline:
     ) -> np.ndarray:
         """Degraded images (list of (H,W,3) uint8, any sizes) + their ids -> guidance (B,size,size,3) uint8.
 
-        An image's guidance depends only on (models, image, id, steps, scale, seed, layout, size).
+        An image's guidance depends only on (models, source, image, id, steps, scale, seed, layout, size).
         ``callback(step, steps)`` reports denoising progress.
         """
+        return self.generate(images, ids, steps=steps, scale=scale, seed=seed, layout=layout, size=size,
+                             callback=callback)[0]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        images: Sequence[np.ndarray],
+        ids: Sequence[str],
+        *,
+        steps: int = 200,
+        scale: float = 5.0,
+        seed: int = 0,
+        layout: str = "center",
+        size: int = 512,
+        callback: Callable[[int, int], None] | None = None,
+        texts: Sequence[dict | None] | None = None,
+    ) -> tuple[np.ndarray, list[dict] | None]:
+        """Like ``__call__``, and also the source's per-image texts (``caption``: ``{"raw", "prompt",
+        "edited"}``; other sources: None). ``texts``: records to use instead of describing those images
+        again (None entries are described)."""
         if len(images) != len(ids):
             raise ValueError(f"{len(images)} images but {len(ids)} ids")
         if layout not in LAYOUTS:
@@ -109,19 +143,18 @@ class GuidancePipeline:
         multiple = f * 2 ** (len(m.unet.config.block_out_channels) - 1)
         if size % multiple:
             raise ValueError(f"size must be a multiple of {multiple}, got {size}")
+        if texts is not None and len(texts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
         if self.batch_invariant and len(images) > 1:
             kw = dict(steps=steps, scale=scale, seed=seed, layout=layout, size=size, callback=callback)
-            return np.concatenate([self([im], [i], **kw) for im, i in zip(images, ids, strict=True)])
+            given = list(texts) if texts is not None else [None] * len(images)
+            parts = [self.generate([im], [i], texts=[t], **kw) for im, i, t in zip(images, ids, given, strict=True)]
+            described = [p[1][0] for p in parts] if parts[0][1] is not None else None
+            return np.concatenate([p[0] for p in parts]), described
 
-        # 1. encode images with CLIP: (B, 1+P, d) hidden states before post-layernorm
-        pixels = preprocess(images, size=m.clip_size, layout=layout, device=m.device, mean=m.clip_mean, std=m.clip_std)
-        tokens = encode_image(m.clip, pixels)
-        # 2. map to words: (B, N, D)
-        words = m.mapper(tokens)
-        # 3. clean the words
-        words = m.cleaner(words)
-        # 4. inject into the text encoder: "a photo of a S" with S -> the N words; (B, 77, D)
-        cond = encode_injected(m.text_encoder, m.tokenizer, words)
+        # 1-4. the source: per-image texts (caption source), then conditional embeddings (B, 77, D)
+        texts = self.source.describe(images, layout, texts)
+        cond = self.source.condition(m, images, layout, texts)
         uncond = self.uncond_embeddings()
         # 5. prepare latents: per-image noise from (seed, id), fp32 on the CPU, then to the device
         shape = (m.unet.config.in_channels, size // f, size // f)
@@ -133,4 +166,4 @@ class GuidancePipeline:
         )
         # 7. decode: VAE -> (B, size, size, 3) uint8
         images_out = decode_float(m.vae, latents, chunk=self.decode_chunk)
-        return to_uint8(images_out).cpu().numpy()
+        return to_uint8(images_out).cpu().numpy(), texts

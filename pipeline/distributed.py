@@ -26,7 +26,7 @@ from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from ..cache import claims, open_store
 from .generate import (GenerateSummary, Job, ProgressFn, SamplingSettings, batches_in_random_order, begin, copy_all,
-                       read_images, sample, select, write_jobs)
+                       read_images, sample, select, stored_texts, write_jobs)
 
 PLUGIN_NAME = "tdr-guidance-models"
 ZARR_CONCURRENCY = 4  # per worker; total store I/O ≈ workers × this (STACK.md: zarr's default is 10 per process)
@@ -46,20 +46,28 @@ class ModelSpec:
     allow_untrained: bool = False
     compile: bool = False
     threads: int | None = None       # torch intra-op threads per CPU worker (None: torch's default)
+    source: str = "textual"          # tdr.pipeline.sources name
+    caption_model: str | None = None  # caption source: image-to-text model (None: BLIP-2 opt-2.7b)
+    caption_words: tuple[str, ...] = ()  # caption source: words added to the degradation list
 
     def load(self):
         """(GuidancePipeline, model fingerprint) on this process's device."""
         import torch
 
-        from . import GuidancePipeline, fingerprint, load_components
+        from . import GuidancePipeline, load_components, source_fingerprint
+        from .models import default_dtype
+        from .sources import build_source
 
         if self.threads:
             torch.set_num_threads(self.threads)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = getattr(torch, self.dtype) if self.dtype else default_dtype(device)
+        source = build_source(self.source, device=device, dtype=dtype, caption_model=self.caption_model,
+                              caption_words=self.caption_words)
         models = load_components(self.sd_model, self.clip_model, mapper_ckpt=self.mapper, cleaner_ckpt=self.cleaner,
-                                 device=device, dtype=getattr(torch, self.dtype) if self.dtype else None,
-                                 preset=self.preset, allow_untrained=self.allow_untrained)
-        return GuidancePipeline(models, compile=self.compile), fingerprint(models)
+                                 device=device, dtype=dtype, preset=self.preset, allow_untrained=self.allow_untrained,
+                                 without=source.without)
+        return GuidancePipeline(models, source=source, compile=self.compile), source_fingerprint(models, source)
 
 
 class ModelsPlugin(WorkerPlugin):
@@ -117,11 +125,11 @@ def run_batch(url: str, storage_options: Mapping[str, Any] | None, gid: str, set
     if not ready:
         return {"written": 0, "sampled": 0, "deferred": deferred}
     try:
-        out = sample(pipe, read_images(views, ready), ready, settings)
+        out, texts = sample(pipe, read_images(views, ready), ready, settings, stored_texts(gs, ready))
     except BaseException:
         claims.release(gs, [r for j in ready for r in j.targets])
         raise
-    return {"written": write_jobs(gs, ready, out), "sampled": len(ready), "deferred": deferred}
+    return {"written": write_jobs(gs, ready, out, texts), "sampled": len(ready), "deferred": deferred}
 
 
 def load_on_workers(client: Client, spec: ModelSpec) -> dict:

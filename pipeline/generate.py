@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..cache import claims, open_store
+from ..cache import captions, claims, open_store
 from ..cache.errors import StoreError
 from ..cache.merge import content_index, copy_guidance, rows_by_content
 from ..cache.store import GUIDANCE_SIZE, GuidanceSet, Split, Store
@@ -161,17 +161,28 @@ def read_images(views: Mapping[str, Split], jobs: Sequence[Job]) -> list[np.ndar
     return [_rgb8(views[j.targets[0][0]].read_lq(j.targets[0][1])) for j in jobs]
 
 
-def sample(pipe, images: Sequence[np.ndarray], jobs: Sequence[Job], settings: SamplingSettings) -> np.ndarray:
-    """(B, S, S, 3) uint8 guidance; noise from (seed, content hash)."""
-    return pipe(list(images), [j.key for j in jobs], steps=settings.steps, scale=settings.scale,
-                seed=settings.seed, layout=settings.layout, size=settings.size)
+def stored_texts(gs: GuidanceSet, jobs: Sequence[Job]) -> list[dict | None] | None:
+    """Caption records already in the group for each job (hand-edited ones among them), None if it has none."""
+    if not captions.has_captions(gs):
+        return None
+    return [captions.read(gs, *j.targets[0]) for j in jobs]
 
 
-def write_jobs(gs: GuidanceSet, jobs: Sequence[Job], images: np.ndarray) -> int:
-    """Write each job's guidance to all its targets, then drop their claims; returns images written."""
+def sample(pipe, images: Sequence[np.ndarray], jobs: Sequence[Job], settings: SamplingSettings,
+           texts: Sequence[dict | None] | None = None) -> tuple[np.ndarray, list[dict] | None]:
+    """(B, S, S, 3) uint8 guidance and the source's per-image texts; noise from (seed, content hash)."""
+    return pipe.generate(list(images), [j.key for j in jobs], steps=settings.steps, scale=settings.scale,
+                         seed=settings.seed, layout=settings.layout, size=settings.size, texts=texts)
+
+
+def write_jobs(gs: GuidanceSet, jobs: Sequence[Job], images: np.ndarray, texts: Sequence[dict] | None = None) -> int:
+    """Write each job's caption (if any), then its guidance, to all its targets, then drop their claims;
+    returns images written."""
     n = 0
-    for job, img in zip(jobs, images, strict=True):
+    for k, (job, img) in enumerate(zip(jobs, images, strict=True)):
         for s, i in job.targets:
+            if texts is not None:
+                captions.write(gs, s, i, texts[k])
             gs.write(s, i, img)
             n += 1
     claims.release(gs, [r for j in jobs for r in j.targets])
@@ -204,9 +215,16 @@ def _failure(views: Mapping[str, Split], job: Job, exc: BaseException) -> list[s
 def begin(store: Store, splits: Sequence[str], settings: SamplingSettings, model_fingerprint: Mapping[str, Any], *,
           limit: int | None, force: bool, attention: str, progress: ProgressFn | None):
     """Shared start of the local and the distributed run: the guidance group (refused if the store holds
-    other settings), the plan, an empty summary, the ``plan`` progress event, the split arrays."""
-    gs = store.guidance_for(guidance_fingerprint(model_fingerprint, settings), size=settings.size,
-                            provenance="generated", force=force)
+    other settings), the plan, an empty summary, the ``plan`` progress event, the split arrays.
+
+    A guidance source the store has no group of yet gets its own group without ``force`` (it becomes the
+    default, as any added group); other settings for a source already there are refused as before."""
+    from .sources import source_of
+
+    fp = guidance_fingerprint(model_fingerprint, settings)
+    present = {source_of(store.guidance(g).fingerprint) for g in store.guidance_ids()}
+    new_source = bool(present) and source_of(fp) not in present
+    gs = store.guidance_for(fp, size=settings.size, provenance="generated", force=force or new_source)
     work = plan(gs, splits, limit)
     summary = GenerateSummary(group=gs.id, skipped=work.skipped, attention=attention)
     if progress:
@@ -266,7 +284,7 @@ def _run(gs, views, pipe, settings, batches, token, respect_claims, summary, tic
             if not ready:
                 continue
             try:
-                out = sample(pipe, [images[j.key] for j in ready], ready, settings)
+                out, texts = sample(pipe, [images[j.key] for j in ready], ready, settings, stored_texts(gs, ready))
             except (KeyboardInterrupt, MemoryError):
                 raise
             except Exception as exc:  # one bad batch does not stop the job; it is reported and retried next run
@@ -277,7 +295,7 @@ def _run(gs, views, pipe, settings, batches, token, respect_claims, summary, tic
                 summary.done += pending.result()
             if out is not None:
                 summary.sampled += len(ready)
-                pending = writer.submit(write_jobs, gs, ready, out)
+                pending = writer.submit(write_jobs, gs, ready, out, texts)
             else:
                 pending = None
             tick()

@@ -6,7 +6,9 @@ Real models (Lin et al., CVPR 2024): Stable Diffusion 2.1-base in diffusers' lay
 cache. Nothing is ever downloaded (``local_files_only``); everything missing is reported in one
 :class:`~tdr.cache.errors.ModelNotFoundError`.
 
-Mapper / cleaner checkpoint format (one file each, ``torch.load(path, weights_only=True)`` reads it)::
+Mapper / cleaner: a schema-1 checkpoint file, a folder in the layout of :mod:`tdr.pipeline.pretrained`
+(``config.json`` + ``model.safetensors``) or a Hub repo id of such a folder in the HF cache. The checkpoint
+file format (``torch.load(path, weights_only=True)`` reads it)::
 
     {
         "schema": 1,
@@ -37,6 +39,7 @@ from ..cache.errors import ModelNotFoundError, TdrError
 from .clip import CLIP_MEAN, CLIP_STD
 from .cleaner import Cleaner, CleanerConfig
 from .mapper import Mapper, MapperConfig, cross_attention_layers
+from .pretrained import load_pretrained, locate, textual_sha256
 from .sampler import PAPER_SCHEDULER_CONFIG
 
 SCHEMA = 1
@@ -142,9 +145,9 @@ class GuidanceModels:
     text_encoder: nn.Module  # transformers CLIPTextModel
     tokenizer: object  # transformers CLIPTokenizer (model_max_length 77)
     scheduler_config: dict  # DDIM config (PAPER_SCHEDULER_CONFIG + the model's training betas)
-    clip: nn.Module  # transformers CLIPVisionModel
-    mapper: Mapper
-    cleaner: Cleaner
+    clip: nn.Module | None  # transformers CLIPVisionModel; None when the guidance source needs no CLIP
+    mapper: Mapper | None  # None when the source needs no mapper (``caption``)
+    cleaner: Cleaner | None  # None when the source needs no cleaner (``mapper-only``, ``caption``)
     device: torch.device
     dtype: torch.dtype
     clip_mean: tuple[float, float, float] = CLIP_MEAN
@@ -181,7 +184,13 @@ def save_checkpoint(module: Mapper | Cleaner, path: str | os.PathLike, meta: dic
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str) -> Mapper | Cleaner:
-    """Read a mapper or cleaner checkpoint (on CPU, in the dtype it was saved in)."""
+    """Read a mapper or cleaner (on CPU): a checkpoint file (in the dtype it was saved in), a folder of
+    :mod:`tdr.pipeline.pretrained` or a Hub id of one in the HF cache."""
+    found, where = locate(path)
+    if found is None:
+        raise ModelNotFoundError(f"The {kind} {path} was not found ({where}).")
+    if found.is_dir():
+        return load_pretrained(found, kind)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -373,11 +382,14 @@ def _check_ckpt(kind: str, path, flag: str, allow_untrained: bool, missing: list
     if path is None:
         if not allow_untrained:
             missing.append(
-                f"{kind} checkpoint: none given; pass {flag} FILE (made by `tdr train-{kind}`), "
+                f"{kind} checkpoint: none given; pass {flag} FILE|DIR|HUB_ID (made by `tdr train-{kind}`), "
                 "or --allow-untrained for a smoke test with random weights"
             )
-    elif not Path(path).is_file():
-        missing.append(f"{kind} checkpoint {path}: no such file; pass {flag} FILE")
+        return
+    found, where = locate(path)
+    if found is None:
+        hint = f" or run `huggingface-cli download {path}`" if "HF cache" in where else ""
+        missing.append(f"{kind} {path}: {where}; pass {flag} FILE|DIR|HUB_ID{hint}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -421,7 +433,9 @@ def _scheduler_config(path: Path | None) -> dict:
 
 def _check_fit(mapper: Mapper, cleaner: Cleaner, parts: dict, sources: dict) -> None:
     """Refuse a mapper/cleaner made for other models (one sentence each)."""
-    mc, cc = mapper.config, cleaner.config
+    if mapper is None:
+        return
+    mc = mapper.config
     clip_dim = parts["clip"].config.hidden_size
     word_dim = parts["text_encoder"].config.hidden_size
     if mc.clip_dim != clip_dim or mc.word_dim != word_dim:
@@ -434,6 +448,9 @@ def _check_fit(mapper: Mapper, cleaner: Cleaner, parts: dict, sources: dict) -> 
             f"The mapper {sources.get('mapper')} holds key/value copies for another UNet's cross-attention "
             "layers; pass the mapper trained for this Stable Diffusion model."
         )
+    if cleaner is None:
+        return
+    cc = cleaner.config
     if cc.word_dim != word_dim or cc.num_words != mc.num_words:
         raise TdrError(
             f"The cleaner {sources.get('cleaner')} cleans {cc.num_words} words of {cc.word_dim} dims, but the "
@@ -451,6 +468,7 @@ def load_components(
     dtype: torch.dtype | None = None,
     preset: str = "full",
     allow_untrained: bool = False,
+    without: tuple[str, ...] = (),
 ) -> GuidanceModels:
     """Load every model guidance needs, offline, onto ``device`` in ``dtype`` (default: fp16 CUDA, fp32 CPU).
 
@@ -458,15 +476,22 @@ def load_components(
     :class:`ModelNotFoundError` naming every missing piece, and refuses to run without mapper and cleaner
     checkpoints unless ``allow_untrained`` (random mapper/cleaner, seeded). ``preset="tiny"``: tiny random
     models from configs (``sd_model``/``clip_model`` ignored); checkpoints are optional and, when given,
-    must match the tiny models.
+    must match the tiny models. ``without``: parts of ``("clip", "mapper", "cleaner")`` that the guidance
+    source does not use; they are neither looked for nor loaded (``None`` in the result).
     """
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     if preset not in ("full", "tiny"):
         raise TdrError(f"Unknown model preset {preset!r}; use 'full' or 'tiny'.")
+    unknown = set(without) - {"clip", "mapper", "cleaner"}
+    if unknown:
+        raise ValueError(f"without: unknown parts {sorted(unknown)}")
+    if "clip" in without and "mapper" not in without:
+        raise ValueError("the mapper needs the CLIP image encoder")
     missing: list[str] = []
-    _check_ckpt("mapper", mapper_ckpt, "--mapper", allow_untrained or preset == "tiny", missing)
-    _check_ckpt("cleaner", cleaner_ckpt, "--cleaner", allow_untrained or preset == "tiny", missing)
+    for kind, path in (("mapper", mapper_ckpt), ("cleaner", cleaner_ckpt)):
+        if kind not in without:
+            _check_ckpt(kind, path, f"--{kind}", allow_untrained or preset == "tiny", missing)
     sources: dict = {"preset": preset}
 
     if preset == "tiny":
@@ -484,7 +509,7 @@ def load_components(
         clip_mean, clip_std = CLIP_MEAN, CLIP_STD
     else:
         sd_root, sd_files = _check_sd(str(sd_model), missing)
-        clip_root, clip_files = _check_clip(str(clip_model), missing)
+        clip_root, clip_files = _check_clip(str(clip_model), missing) if "clip" not in without else (None, [])
         if missing:
             raise ModelNotFoundError("Missing for guidance (nothing is downloaded):\n- " + "\n- ".join(missing))
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -497,31 +522,38 @@ def load_components(
                 "vae": AutoencoderKL.from_pretrained(sd_root, subfolder="vae", **offline),
                 "text_encoder": CLIPTextModel.from_pretrained(sd_root / "text_encoder", **offline),
                 "tokenizer": CLIPTokenizer.from_pretrained(sd_root / "tokenizer", local_files_only=True),
-                "clip": CLIPVisionModel.from_pretrained(clip_root, **offline),
+                "clip": CLIPVisionModel.from_pretrained(clip_root, **offline) if clip_root else None,
             }
         scheduler_config = _scheduler_config(sd_root / "scheduler" / "scheduler_config.json")
         clip_mean, clip_std = CLIP_MEAN, CLIP_STD
-        pre = clip_root / "preprocessor_config.json"
-        if pre.is_file():
+        pre = clip_root / "preprocessor_config.json" if clip_root else None
+        if pre is not None and pre.is_file():
             pcfg = json.loads(pre.read_text())
             clip_mean = tuple(pcfg.get("image_mean", clip_mean))
             clip_std = tuple(pcfg.get("image_std", clip_std))
         sources.update(
             sd_model=str(sd_model),
             clip_model=str(clip_model),
-            weight_files={**{f"sd/{k}": v for k, v in sd_files.items()}, "clip": clip_files},
+            weight_files={**{f"sd/{k}": v for k, v in sd_files.items()}, **({"clip": clip_files} if clip_root else {})},
         )
         word_dim = parts["text_encoder"].config.hidden_size
         with torch.random.fork_rng(devices=[]):  # untrained (allow_untrained): seeded random weights
             torch.manual_seed(UNTRAINED_SEED)
-            if mapper_ckpt is None:
+            if mapper_ckpt is None and "mapper" not in without:
                 parts["mapper"] = Mapper.for_models(parts["unet"], parts["clip"].config.hidden_size, word_dim)
-            if cleaner_ckpt is None:
+            if cleaner_ckpt is None and "cleaner" not in without:
                 parts["cleaner"] = Cleaner(CleanerConfig(word_dim))
 
     for kind, path in (("mapper", mapper_ckpt), ("cleaner", cleaner_ckpt)):
+        if kind in without:
+            parts[kind] = None
+            continue
         parts[kind] = load_checkpoint(path, kind) if path is not None else parts[kind]
         sources[kind] = str(path) if path is not None else None
+        sources[kind + "_path"] = str(locate(path)[0]) if path is not None else None
+    if "clip" in without:
+        parts["clip"] = None
+    sources["without"] = sorted(without)
     _check_fit(parts["mapper"], parts["cleaner"], parts, sources)
 
     return models_from_parts(
@@ -549,6 +581,9 @@ def models_from_parts(
     device = torch.device(device)
     moved = dict(parts)
     for k in ("unet", "vae", "text_encoder", "clip", "mapper", "cleaner"):
+        if parts.get(k) is None:
+            moved[k] = None
+            continue
         module = parts[k].to(device)
         if next(module.parameters()).dtype != dtype:
             with _quiet():  # diffusers warns on every dtype cast
@@ -593,11 +628,15 @@ def fingerprint(models: GuidanceModels) -> dict:
     """Everything about the models that determines guidance (JSON-able).
 
     Model names, sha256 of every weight file loaded (or the tiny preset and its seed), mapper and cleaner
-    checkpoint sha256 (``"untrained"`` when random), DDIM schedule, dtype and device type. Sampling
-    settings (steps, scale, seed, layout, size) are the caller's to add.
+    checkpoint sha256 (``"untrained"`` when random; a folder's: :func:`~tdr.pipeline.pretrained.textual_sha256`),
+    DDIM schedule, dtype and device type; parts loaded ``without`` are left out. Sampling settings (steps,
+    scale, seed, layout, size) and the guidance source's entries are the caller's to add.
     """
     s = models.sources
+    without = set(s.get("without", ()))
     fp: dict = {"preset": s["preset"], "sd_model": s.get("sd_model"), "clip_model": s.get("clip_model")}
+    if "clip" in without:
+        del fp["clip_model"]
     if s["preset"] == "tiny":
         fp["seed"] = s["seed"]
     else:
@@ -605,7 +644,8 @@ def fingerprint(models: GuidanceModels) -> dict:
             part: {p.name: weight_sha256(p) for p in files} for part, files in s["weight_files"].items()
         }
     for kind in ("mapper", "cleaner"):
-        fp[kind] = file_sha256(s[kind]) if s.get(kind) else "untrained"
+        if kind not in without:
+            fp[kind] = textual_sha256(s.get(kind + "_path") or s[kind]) if s.get(kind) else "untrained"
     fp["scheduler"] = dict(models.scheduler_config)
     fp["dtype"] = str(models.dtype).removeprefix("torch.")
     fp["device_type"] = models.device.type

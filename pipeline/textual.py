@@ -19,7 +19,8 @@ Paper settings: lr 1e-6 scaled by the total batch (4 per GPU x 4 accumulation x 
 Run folder ``DIR``: ``config.json``, ``last.pt`` and ``step_N.pt`` (schema-1 mapper/cleaner checkpoints that
 :func:`~tdr.pipeline.models.load_components` reads, plus a ``train`` entry with the step, optimiser,
 grad-scaler and RNG states and the training config, all loadable with ``torch.load(weights_only=True)``),
-and ``val_N.png`` grids (input | guidance). Sample k is a pure function of (seed, k)
+``pretrained/`` (the finished module as ``config.json`` + ``model.safetensors``, :mod:`tdr.pipeline.pretrained`:
+what ``--mapper`` / ``--cleaner`` and the Hub take), and ``val_N.png`` grids (input | guidance). Sample k is a pure function of (seed, k)
 (:mod:`tdr.pipeline.textual_data`), so ``resume=True`` continues exactly as an uninterrupted run.
 """
 
@@ -44,6 +45,7 @@ from .attention import install_mapper_kv
 from .clip import encode_image, preprocess
 from .injection import encode_injected
 from .models import CLIP_MODEL, SCHEMA, SD_MODEL, GuidanceModels, load_components
+from .pretrained import save_pretrained
 from .sampler import latent_scale, make_scheduler
 from .textual_data import Item, apply_crop, cleaner_items, mapper_items, parse_source, sample, sample_seed, to_float
 
@@ -413,6 +415,8 @@ def _run(stage: str, config: TextualConfig, report: ProgressFn, models: Guidance
                     report({"event": "checkpoint", "step": step + 1, "path": str(run_dir / f"step_{step + 1}.pt")})
                 save_training_checkpoint(trainable, last, **kwargs)
                 result.checkpoint = last
+                if done:  # the shareable layout of tdr.pipeline.pretrained: RUN/pretrained/
+                    save_pretrained(trainable, run_dir / "pretrained", meta={"stage": stage, "step": step + 1})
             if dist.rank == 0 and config.val_every and ((step + 1) % config.val_every == 0 or done):
                 path = run_dir / f"val_{step + 1}.png"
                 validation_grid(stage, models, val_items, config, path, amp=amp, dtype=frozen_dtype)

@@ -19,9 +19,12 @@ def test_mapper_then_cleaner_then_guidance_names_both_checkpoints(tmp_path):
     r = runner.invoke(app, ["train-mapper", "--dataset", "demo", "--steps", "10", "--out", str(m), *FAST])
     assert r.exit_code == 0, r.output
     assert (m / "last.pt").is_file() and (m / "val_10.png").is_file()
-    r = runner.invoke(app, ["train-cleaner", "--dataset", "demo", "--mapper", str(m / "last.pt"), "--steps", "10",
+    assert (m / "pretrained" / "config.json").is_file() and (m / "pretrained" / "model.safetensors").is_file()
+    # the cleaner's frozen mapper from the shareable folder layout (same weights as last.pt)
+    r = runner.invoke(app, ["train-cleaner", "--dataset", "demo", "--mapper", str(m / "pretrained"), "--steps", "10",
                             "--out", str(c), *FAST])
     assert r.exit_code == 0, r.output
+    assert (c / "pretrained" / "model.safetensors").is_file()
     r = runner.invoke(app, ["generate-guidance", "--dataset", "demo", "--preset", "tiny", "--mapper", str(m / "last.pt"),
                             "--cleaner", str(c / "last.pt"), "--store", s, "--steps", "2", "--size", "64",
                             "--split", "test", "--limit", "3"])
