@@ -170,9 +170,15 @@ def stored_texts(gs: GuidanceSet, jobs: Sequence[Job]) -> list[dict | None] | No
 
 def sample(pipe, images: Sequence[np.ndarray], jobs: Sequence[Job], settings: SamplingSettings,
            texts: Sequence[dict | None] | None = None) -> tuple[np.ndarray, list[dict] | None]:
-    """(B, S, S, 3) uint8 guidance and the source's per-image texts; noise from (seed, content hash)."""
-    return pipe.generate(list(images), [j.key for j in jobs], steps=settings.steps, scale=settings.scale,
-                         seed=settings.seed, layout=settings.layout, size=settings.size, texts=texts)
+    """(B, S, S, 3) uint8 guidance and the source's per-image texts; noise from (seed, content hash).
+
+    ``pipe``: a :class:`~tdr.pipeline.GuidancePipeline`, or any callable with its ``__call__`` signature
+    (then no texts)."""
+    kw = dict(steps=settings.steps, scale=settings.scale, seed=settings.seed, layout=settings.layout,
+              size=settings.size)
+    if not hasattr(pipe, "generate"):
+        return pipe(list(images), [j.key for j in jobs], **kw), None
+    return pipe.generate(list(images), [j.key for j in jobs], texts=texts, **kw)
 
 
 def write_jobs(gs: GuidanceSet, jobs: Sequence[Job], images: np.ndarray, texts: Sequence[dict] | None = None) -> int:

@@ -179,3 +179,16 @@ def test_missing_caption_model_and_bad_options(tmp_path, monkeypatch):
     assert runner.invoke(app, ["generate-guidance", *TINY, "--store", store, "--source", "mapper-only",
                                "--cleaner", "c.pt"]).exit_code == 2
     assert runner.invoke(app, ["generate-guidance", *TINY, "--store", store, "--caption-model", "x/y"]).exit_code == 2
+
+
+def test_dask_workers_build_the_same_caption_source(tmp_path, blip):
+    one, two = str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr")
+    cap = ["--source", "caption", "--caption-model", blip, "--limit", "4"]
+    run("generate-guidance", *TINY, "--store", one, "--batch-size", "2", *cap)
+    run("generate-guidance", *TINY, "--store", two, "--batch-size", "1", "--workers", "2", *cap)
+    a, b = open_store(one).guidance(), open_store(two).guidance()
+    assert a.id == b.id and source_of(b.fingerprint) == "caption"
+    assert list(np.flatnonzero(b.done("test"))) == [0, 1, 2, 3]
+    for i in range(4):
+        np.testing.assert_array_equal(a.read("test", i), b.read("test", i))
+    assert captions.records(a) == captions.records(b) and len(captions.records(b)) == 4
