@@ -106,6 +106,16 @@ def verify(store: Store, progress: Callable[[int, int], None] | None = None) -> 
                         report.problems.append(Problem(name, f"guidance/{gs.id}", image_id,
                                                        f"corrupt chunk ({_short(exc)})"))
                 tick()
+            if captions.has_captions(gs):  # every image with guidance has the caption it was made from
+                for i in sorted(present):
+                    try:
+                        ok = i >= len(sp.ids) or captions.read(gs, name, i) is not None
+                    except Exception as exc:
+                        report.problems.append(Problem(name, f"captions/{gs.id}", sp.ids[i],
+                                                       f"corrupt chunk ({_short(exc)})"))
+                        continue
+                    if not ok:
+                        report.problems.append(Problem(name, f"captions/{gs.id}", sp.ids[i], "missing"))
     return report
 
 

@@ -192,3 +192,18 @@ def test_dask_workers_build_the_same_caption_source(tmp_path, blip):
     for i in range(4):
         np.testing.assert_array_equal(a.read("test", i), b.read("test", i))
     assert captions.records(a) == captions.records(b) and len(captions.records(b)) == 4
+
+
+def test_verify_checks_caption_chunks(tmp_path, blip):
+    from pathlib import Path
+
+    store = str(tmp_path / "s.zarr")
+    run("generate-guidance", *TINY, "--store", store, "--source", "caption", "--caption-model", blip)
+    assert "ok:" in run("cache", "verify", store).output
+    gid = open_store(store).guidance().id
+    chunk = Path(store, "guidance", gid, "captions", "test", "c", "1", "0")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    result = run("cache", "verify", store, code=1)
+    assert f"captions/{gid}" in result.output and open_store(store)["test"].ids[1] in result.output
