@@ -78,6 +78,7 @@ def test_three_sources_three_groups_captions_stored_exported_shown(tmp_path, bli
     facts = json.loads(run("cache", "info", store, "--json").output)
     assert len(facts["guidance"]) == 3
     assert all(g["splits"]["test"] == {"done": 12, "missing": 0} for g in facts["guidance"].values())
+    assert [g["provenance"] for g in facts["guidance"].values()] == ["generated"] * 3
 
     textual, g_text = _guidance(store, "textual")
     mapper_only, g_mapper = _guidance(store, "mapper-only")
