@@ -449,7 +449,7 @@ def _textual_command(stage: str, summary: str, example: str, pairs_help: str):
         data: Optional[list[str]] = typer.Option(None, "--data", help=pairs_help),
         noise_data: Optional[list[str]] = typer.Option(None, "--noise-data", hidden=stage == "mapper", help="Clean images that get Gaussian noise sigma ~ U(0,50) on the fly: NAME[:ROOT] or store:URL."),
         mapper: Optional[str] = typer.Option(None, "--mapper", hidden=stage == "mapper", help="The trained mapper (train-mapper's DIR/last.pt); it stays frozen."),
-        out_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (config.json, last.pt, step_N.pt, val_N.png)."),
+        out_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (config.json, last.pt, step_N.pt, val_N.png; pretrained/ when finished: config.json + model.safetensors, what --mapper/--cleaner and the Hub take)."),
         steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (paper: up to 200000)."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per micro-step and GPU (paper: 4)."),
         accum: Optional[int] = typer.Option(None, "--accum", "--grad-accum", min=1, help="Gradient accumulation steps (paper: 4)."),

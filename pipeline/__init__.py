@@ -8,6 +8,10 @@ text encoder (words injected into "a photo of a S") -> DDIM + classifier-free gu
 
     models = load_components(sd_model, clip_model, mapper_ckpt=..., cleaner_ckpt=..., device="cuda")
     guidance = GuidancePipeline(models)(images, ids, steps=200, scale=5.0, seed=0)   # (B, 512, 512, 3) uint8
+
+    source = build_source("caption", device="cuda", dtype=torch.float16)            # tdr.pipeline.sources
+    models = load_components(sd_model, device="cuda", without=source.without)
+    guidance, captions = GuidancePipeline(models, source=source).generate(images, ids)
 """
 
 from __future__ import annotations

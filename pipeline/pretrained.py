@@ -55,7 +55,7 @@ def load_pretrained(folder: str | os.PathLike, kind: str) -> Mapper | Cleaner:
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise ModelNotFoundError(f"The {kind} folder {folder} lacks {CONFIG} or {WEIGHTS}; "
-                                 f"see the layout in 'tdr train-{kind} --help'.")
+                                 f"pass the folder that 'tdr train-{kind}' writes to RUN/pretrained/.")
     try:
         config = json.loads((folder / CONFIG).read_text())
     except ValueError:

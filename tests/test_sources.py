@@ -62,12 +62,12 @@ def blip(tmp_path_factory):
     return str(folder)
 
 
-def _guidance(store: str, source: str) -> tuple[dict, np.ndarray]:
+def _guidance(store: str, source: str, n: int = 12) -> tuple[dict, np.ndarray]:
     st = open_store(store)
     (gid,) = [g for g in st.guidance_ids() if source_of(st.guidance(g).fingerprint) == source]
     gs = st.guidance(gid)
-    assert gs.done("test").all()
-    return gs.fingerprint, np.stack([gs.read("test", i) for i in range(len(st["test"]))])
+    assert list(np.flatnonzero(gs.done("test"))) == list(range(n))
+    return gs.fingerprint, np.stack([gs.read("test", i) for i in range(n)])
 
 
 def test_three_sources_three_groups_captions_stored_exported_shown(tmp_path, blip):
@@ -123,16 +123,16 @@ def test_three_sources_three_groups_captions_stored_exported_shown(tmp_path, bli
 def test_batch_size_does_not_change_guidance(tmp_path, blip, source):
     extra = ["--caption-model", blip] if source == "caption" else []
     a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
-    run("generate-guidance", *TINY, "--store", a, "--batch-size", "1", "--source", source, *extra)
-    run("generate-guidance", *TINY, "--store", b, "--batch-size", "5", "--source", source, *extra)
-    fa, ga = _guidance(a, source)
-    fb, gb = _guidance(b, source)
+    run("generate-guidance", *TINY, "--store", a, "--batch-size", "1", "--limit", "6", "--source", source, *extra)
+    run("generate-guidance", *TINY, "--store", b, "--batch-size", "4", "--limit", "6", "--source", source, *extra)
+    fa, ga = _guidance(a, source, 6)
+    fb, gb = _guidance(b, source, 6)
     assert fa == fb
     np.testing.assert_array_equal(ga, gb)
     assert any(not np.array_equal(ga[0], ga[k]) for k in range(1, len(ga)))
     if source == "caption":
         ra = captions.records(open_store(a).guidance())
-        assert ra == captions.records(open_store(b).guidance()) and len(ra) == 12
+        assert ra == captions.records(open_store(b).guidance()) and len(ra) == 6
 
 
 def test_edited_captions_regenerate_only_those_images(tmp_path, blip):
