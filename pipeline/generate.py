@@ -223,13 +223,14 @@ def begin(store: Store, splits: Sequence[str], settings: SamplingSettings, model
     """Shared start of the local and the distributed run: the guidance group (refused if the store holds
     other settings), the plan, an empty summary, the ``plan`` progress event, the split arrays.
 
-    A guidance source the store has no group of yet gets its own group without ``force`` (it becomes the
-    default, as any added group); other settings for a source already there are refused as before."""
-    from .sources import source_of
+    In a store holding only generated guidance, a source with no group yet gets its own group without
+    ``force`` (it becomes the default, as any added group); other settings for a source already there, and
+    anything beside imported guidance, are refused as before."""
+    from .sources import SOURCES, source_of
 
     fp = guidance_fingerprint(model_fingerprint, settings)
     present = {source_of(store.guidance(g).fingerprint) for g in store.guidance_ids()}
-    new_source = bool(present) and source_of(fp) not in present
+    new_source = bool(present) and present <= set(SOURCES) and source_of(fp) not in present
     gs = store.guidance_for(fp, size=settings.size, provenance="generated", force=force or new_source)
     work = plan(gs, splits, limit)
     summary = GenerateSummary(group=gs.id, skipped=work.skipped, attention=attention)

@@ -208,3 +208,19 @@ def test_verify_checks_caption_chunks(tmp_path, blip):
     chunk.write_bytes(bytes(data))
     result = run("cache", "verify", store, code=1)
     assert f"captions/{gid}" in result.output and open_store(store)["test"].ids[1] in result.output
+
+
+def test_new_source_beside_imported_guidance_still_needs_force(tmp_path, blip):
+    from PIL import Image
+
+    store = str(tmp_path / "s.zarr")
+    run("cache", "ingest", "--dataset", "demo", "--split", "test", "--store", store)
+    folder = tmp_path / "g"
+    for image_id in open_store(store)["test"].ids:
+        (folder / image_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / f"{image_id}.png")
+    run("cache", "import-guidance", store, "--split", "test", "--from", str(folder))
+    cap = ["--source", "caption", "--caption-model", blip, "--limit", "2"]
+    assert "--force" in run("generate-guidance", *TINY, "--store", store, *cap, code=1).output
+    run("generate-guidance", *TINY, "--store", store, *cap, "--force")
+    assert len(open_store(store).guidance_ids()) == 2
