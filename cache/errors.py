@@ -25,3 +25,15 @@ class FingerprintMismatch(StoreError):
 
 class ModelNotFoundError(TdrError):
     """A model or checkpoint is not available locally."""
+
+
+class DataIntegrityError(StoreError):
+    """A chunk a reader needs is missing from the store or fails its checksum.
+
+    ``what`` is the short reason alone ("its data is missing from the store", …) for reports that list
+    many images.
+    """
+
+    def __init__(self, message: str, what: str = ""):
+        super().__init__(message)
+        self.what = what or message

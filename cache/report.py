@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 
 from . import captions
+from .errors import DataIntegrityError
 from .store import Store, pixel_sha256
 
 
@@ -122,6 +123,9 @@ def verify(store: Store, progress: Callable[[int, int], None] | None = None) -> 
 def _check_image(report: VerifyReport, split: str, part: str, image_id: str, read, sha) -> None:
     try:
         img = read()
+    except DataIntegrityError as exc:
+        report.problems.append(Problem(split, part, image_id, exc.what))
+        return
     except Exception as exc:
         report.problems.append(Problem(split, part, image_id, f"corrupt chunk ({_short(exc)})"))
         return

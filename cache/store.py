@@ -21,7 +21,9 @@ content, no shared pixel geometry), ``aligned`` (declared at import: the geometr
 registered reference photos), ``unknown`` (imported without the declaration; groups written before the
 attribute existed read as this). The fingerprint's ``layout`` (``LAYOUTS``, default "center") says which
 rectangle of the frame a guidance image is about: the centre square of the short side, or the full frame. Every chunk ends with a
-CRC32C checksum. An image's guidance is *done* when its chunk exists and its checksum passes, so a
+CRC32C checksum. Readers never take a missing chunk for zeros: an image whose shard (or guidance chunk)
+is absent, or whose chunk fails its checksum, raises :class:`DataIntegrityError` naming the image, its
+split and the command that repairs it; whole-image reads also re-check the image's sha256. An image's guidance is *done* when its chunk exists and its checksum passes, so a
 killed job resumes by skipping done images and concurrent writers need no lock (STACK.md: distinct
 chunks are safe; guidance is never sharded).
 """
@@ -37,7 +39,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from .errors import FingerprintMismatch, StoreError
+from .errors import DataIntegrityError, FingerprintMismatch, StoreError
 from .fingerprint import describe_difference, fingerprint_id
 
 SCHEMA = 1
@@ -92,20 +94,33 @@ def _storage_options(url: str, given: Mapping[str, Any] | None) -> dict[str, Any
 def create_store(url: str, *, dataset: str, metric: Mapping[str, Any],
                  storage_options: Mapping[str, Any] | None = None,
                  options: Mapping[str, Any] | None = None) -> "Store":
-    """Open the store at ``url`` for writing, creating it (for ``dataset``) if it does not exist."""
+    """Open the store at ``url`` for writing, creating it (for ``dataset``) if it does not exist.
+
+    Safe when several processes create the same new store at once: the root metadata is written in one
+    put (with its attributes), and a process that loses the race opens what the winner made; the
+    caller then checks it holds the same dataset.
+    """
     try:
         return open_store(url, "a", storage_options)
     except StoreError as exc:
         if "No tdr store" not in str(exc):
             raise
+    attributes = {"tdr_schema": SCHEMA, "dataset": dataset, "metric": dict(metric), "tile": TILE,
+                  "dataset_options": dict(options or {}), "created": _utc_now(), "guidance_default": None}
     try:
-        group = zarr.open_group(str(url), mode="w-", storage_options=_storage_options(url, storage_options))
-        group.attrs.update({"tdr_schema": SCHEMA, "dataset": dataset, "metric": dict(metric), "tile": TILE,
-                            "dataset_options": dict(options or {}), "created": _utc_now(),
-                            "guidance_default": None})
+        group = zarr.open_group(str(url), mode="w-", attributes=attributes,
+                                storage_options=_storage_options(url, storage_options))
+    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
+        return open_store(url, "a", storage_options)  # another process created it a moment ago
     except Exception as exc:
         raise StoreError(f"Cannot create store {_display(url)}: {_one_line(exc)}.") from None
     return Store(group, url, read_only=False)
+
+
+def _chunk_error(exc: BaseException) -> str:
+    """A decoding failure in words (zarr's checksum message carries raw bytes)."""
+    text = _one_line(exc)
+    return "is corrupt (fails its CRC32C checksum)" if "checksum" in text.lower() else f"is corrupt ({text})"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -152,6 +167,12 @@ class Store:
                 names.append(name)
         return names
 
+    @property
+    def unfinished_splits(self) -> list[str]:
+        """Splits whose ingestion started but never finished (a killed or still running ingest)."""
+        return [name for name in sorted(self.group.group_keys())
+                if name != "guidance" and not self.group[name].attrs.get("complete")]
+
     def __contains__(self, split: str) -> bool:
         return split in self.splits
 
@@ -159,7 +180,7 @@ class Store:
         if split not in self.splits:
             have = ", ".join(self.splits) or "none"
             raise StoreError(f"Store {self.url} has no split '{split}' (it has: {have}).")
-        return Split(self.group[split], split)
+        return Split(self.group[split], split, url=self.url)
 
     def nbytes(self, prefix: str = "") -> int:
         """Bytes stored under ``prefix`` (relative to the store root)."""
@@ -228,12 +249,34 @@ class Store:
             raise StoreError(f"Store {self.url} was opened read-only.")
 
 
-class Split:
-    """One split of a store: degraded/clean images with ids and true sizes."""
+def _chunk_rows(arr: zarr.Array) -> set[int]:
+    """Rows (first index) of ``arr`` with at least one chunk/shard object in the store (one listing)."""
+    prefix = f"{arr.path}/c/"
 
-    def __init__(self, group: zarr.Group, name: str):
+    async def _ls() -> list[str]:
+        return [k async for k in arr.store.list_prefix(prefix)]
+
+    rows = set()
+    for key in sync(_ls()):
+        parts = key[len(prefix):].split("/")
+        if len(parts) == arr.ndim and parts[0].isdigit():
+            rows.add(int(parts[0]))
+    return rows
+
+
+class Split:
+    """One split of a store: degraded/clean images with ids and true sizes.
+
+    Every read checks that the image's shard exists (a deleted shard would otherwise read as zeros)
+    and that its chunks pass their CRC32C; a whole-image read also compares the pixels' sha256 with
+    the one recorded at ingest. A failure is a :class:`DataIntegrityError` naming image, split and the
+    repairing command.
+    """
+
+    def __init__(self, group: zarr.Group, name: str, url: str = ""):
         self.group = group
         self.name = name
+        self.url = url
         attrs = group.attrs.asdict()
         self.ids: list[str] = list(attrs["ids"])
         self.gt_keys: list[str] = list(attrs.get("gt_keys", []))
@@ -243,6 +286,8 @@ class Split:
         self._lq = group["lq"]
         self._gt = group["gt"] if "gt" in group else None
         self._index = {k: i for i, k in enumerate(self.ids)}
+        self._present: dict[str, set[int]] = {}  # "lq"/"gt" → rows whose shard exists (listed once)
+        self._sha: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -271,7 +316,7 @@ class Split:
 
     def read_lq(self, i: int, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """Degraded image ``i`` (H, W, C), or the crop ``box = (top, left, height, width)`` of it."""
-        return self._read(self._lq, i, self.lq_size(i), box)
+        return self._read("lq", i, i, self.lq_size(i), box)
 
     def read_gt(self, i: int, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """Clean image belonging to degraded image ``i`` (or its crop ``box``)."""
@@ -279,17 +324,48 @@ class Split:
         if j < 0 or self._gt is None:
             raise StoreError(f"Image '{self.ids[i]}' of split '{self.name}' has no clean image.")
         h, w = self.gt_sizes[j]
-        return self._read(self._gt, j, (int(h), int(w)), box)
+        return self._read("gt", i, j, (int(h), int(w)), box)
 
-    @staticmethod
-    def _read(arr: zarr.Array, row: int, size: tuple[int, int], box) -> np.ndarray:
+    def _read(self, part: str, i: int, row: int, size: tuple[int, int], box) -> np.ndarray:
         h, w = size
-        if box is None:
-            return arr[row, :h, :w, :]
-        top, left, bh, bw = box
-        if top < 0 or left < 0 or top + bh > h or left + bw > w:
-            raise ValueError(f"crop {box} outside image of size {size}")
-        return arr[row, top:top + bh, left:left + bw, :]
+        arr = self._lq if part == "lq" else self._gt
+        if box is not None:
+            top, left, bh, bw = box
+            if top < 0 or left < 0 or top + bh > h or left + bw > w:
+                raise ValueError(f"crop {box} outside image of size {size}")
+        if part not in self._present:
+            self._present[part] = _chunk_rows(arr)
+        if row not in self._present[part] and not self._blank(part, row, size, arr.dtype, arr.shape[-1]):
+            raise self._damaged(part, i, "its data is missing from the store")
+        try:
+            if box is None:
+                img = arr[row, :h, :w, :]
+            else:
+                top, left, bh, bw = box
+                img = arr[row, top:top + bh, left:left + bw, :]
+        except Exception as exc:  # zarr: "Stored and computed checksum do not match", truncated shard
+            raise self._damaged(part, i, f"a chunk of it {_chunk_error(exc)}") from None
+        if box is None and pixel_sha256(img) != self.sha(part, row):
+            raise self._damaged(part, i, "its pixels differ from those recorded at ingest")
+        return img
+
+    def sha(self, part: str, row: int) -> bytes:
+        """sha256 recorded at ingest for row ``row`` of ``part`` ("lq" or "gt")."""
+        if part not in self._sha:
+            self._sha[part] = np.asarray(self.group[f"{part}_sha"][...], np.uint8)
+        return bytes(self._sha[part][row])
+
+    def _blank(self, part: str, row: int, size: tuple[int, int], dtype, channels: int) -> bool:
+        """True if the image was all zeros at ingest (zarr writes no shard for it)."""
+        return pixel_sha256(np.zeros((*size, channels), dtype)) == self.sha(part, row)
+
+    def _damaged(self, part: str, i: int, what: str) -> DataIntegrityError:
+        kind = "degraded" if part == "lq" else "clean"
+        store = f" of {self.url}" if self.url else ""
+        return DataIntegrityError(
+            f"The {kind} image '{self.ids[i]}' of split '{self.name}'{store} cannot be read: {what}; "
+            f"restore it with 'tdr cache ingest --repair' (same --dataset, --root and --store), then "
+            f"check with 'tdr cache verify'.", what)
 
     def lq_sha(self, i: int | None = None) -> np.ndarray:
         data = self.group["lq_sha"]
@@ -328,18 +404,7 @@ class GuidanceSet:
         """Rows whose chunk object exists (not yet checksum-verified)."""
         if split not in self.group:
             return set()
-        arr = self.group[split]
-        prefix = f"{arr.path}/c/"
-
-        async def _ls() -> list[str]:
-            return [k async for k in arr.store.list_prefix(prefix)]
-
-        rows = set()
-        for key in sync(_ls()):
-            parts = key[len(prefix):].split("/")
-            if len(parts) == 4 and parts[0].isdigit():
-                rows.add(int(parts[0]))
-        return rows
+        return _chunk_rows(self.group[split])
 
     def done(self, split: str, *, check: bool = True) -> np.ndarray:
         """(N,) bool: guidance of image i exists and (with ``check``) its checksum passes."""
@@ -371,17 +436,26 @@ class GuidanceSet:
         self.array(split, create=True)[i] = image
 
     def read(self, split: str, i: int) -> np.ndarray:
-        """Guidance (S, S, 3) uint8 of image ``i``; StoreError if it was never written."""
-        arr = self.array(split)
+        """Guidance (S, S, 3) uint8 of image ``i``; DataIntegrityError if missing or corrupt."""
+        arrays = self.__dict__.setdefault("_arrays", {})
+        if split not in arrays:
+            arrays[split] = self.array(split)
         if i not in self._chunk_rows_cached(split):
-            ids = self.store[split].ids
-            raise StoreError(f"Guidance for '{ids[i]}' in split '{split}' is missing; run 'tdr generate-guidance'.")
-        return arr[i]
+            raise self._damaged(split, i, "it is missing (never written, or its chunk was deleted)")
+        try:
+            return arrays[split][i]
+        except Exception as exc:  # checksum mismatch, truncated chunk
+            raise self._damaged(split, i, f"its chunk {_chunk_error(exc)}") from None
+
+    def _damaged(self, split: str, i: int, what: str) -> DataIntegrityError:
+        ids = self.store[split].ids
+        fix = ("import it again with 'tdr cache import-guidance'" if self.fingerprint.get("kind") == "imported"
+               else "re-run 'tdr generate-guidance' with the same settings (it regenerates only such images)")
+        return DataIntegrityError(f"Guidance of image '{ids[i]}' of split '{split}' (group {self.id}) cannot be "
+                                  f"read: {what}; {fix}.", what)
 
     def _chunk_rows_cached(self, split: str) -> set[int]:
         cache = self.__dict__.setdefault("_rows", {})
         if split not in cache:
             cache[split] = self._chunk_keys(split)
-        rows = cache[split]
-        return rows
-
+        return cache[split]
