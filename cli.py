@@ -279,7 +279,7 @@ def cache_verify(store: str = typer.Argument(..., help="Store location."),
 @user_errors
 def cache_import(store: str = typer.Argument(..., help="Store location."),
                  split: str = typer.Option(..., "--split", help="Split the guidance belongs to."),
-                 source: Path = typer.Option(..., "--from", help="Folder of guidance images named <image id>.png/.jpg."),
+                 source: Path = typer.Option(..., "--from", help="Folder of guidance images named <image id>.png/.jpg (ids with '/' as nested folders, or '__' for each '/')."),
                  aligned: bool = typer.Option(False, "--aligned", help="The images' geometry follows the degraded images (registered reference photos); default: unknown, matched globally like generated guidance."),
                  layout: str = typer.Option("center", "--layout", help="What each image shows: center (the frame's centre square, as the paper's scripts write) or full (the whole frame)."),
                  label: Optional[str] = typer.Option(None, "--label", help="Name of this guidance source: imports with different labels are separate groups."),
@@ -300,6 +300,9 @@ def cache_import(store: str = typer.Argument(..., help="Store location."),
     out.print(f"imported {summary.written} guidance images into group {summary.group}")
     if summary.missing:
         out.print(f"{len(summary.missing)} image(s) had no file in {source}, first: {summary.missing[0]}", highlight=False)
+    if summary.unused:
+        out.print(f"{len(summary.unused)} file(s) in {source} match no image id of split '{split}' and were not "
+                  f"imported, first: {summary.unused[0]} (names: <id>.png, nested or with '__' for '/')", highlight=False)
 
 
 @cache_app.command("export")
@@ -727,8 +730,10 @@ def eval_cmd(
     Example: tdr eval --checkpoint runs/gopro-guided/last.pt --store gopro.zarr --json gopro.json --grids 4
     """
     from .guided.config import EvalConfig
-    from .guided.evaluate import evaluate
+    from .guided.evaluate import check_output_file, evaluate
 
+    if json_path is not None:
+        check_output_file(json_path, "--json")  # before the evaluation, not after it
     config = EvalConfig(checkpoint=checkpoint, store=store, dataset=dataset, backbone=backbone, split=split,
                         group=group, tile=tile,
                         overlap=overlap, grids=grids, out=grid_dir, json=str(json_path) if json_path else None,

@@ -1,8 +1,15 @@
-"""Guidance in and out of a store as ordinary image files named by image id."""
+"""Guidance in and out of a store as ordinary image files named by image id.
+
+A file belongs to an image only by its exact id: ``<folder>/<id>.<ext>``, where an id with ``/``
+(GoPro ``GOPR0384_11_00/000001``, RealBlur ``scene1/blur/blur_1``) is a nested path, or the flat
+form with every ``/`` written as ``__`` (``GOPR0384_11_00__000001.png``). Export writes the nested
+form. Nothing is matched by a bare file name, so two images never share one file; an id with more
+than one matching file is refused, and files that match no id are reported.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,16 +26,48 @@ IMPORTED_FINGERPRINT = {"kind": "imported"}  # plus provenance/layout/label wher
 _EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
+FLAT_SEPARATOR = "__"  # stands for "/" in flat file names of nested ids
+
+
 @dataclass
 class TransferSummary:
     written: int
     missing: list[str]
     group: str
+    unused: list[str] = field(default_factory=list)  # files (relative to the folder) that match no image id
 
 
-def _candidates(folder: Path, image_id: str) -> list[Path]:
-    stems = dict.fromkeys([image_id, image_id.replace("/", "_"), image_id.replace("/", "-"), image_id.split("/")[-1]])
-    return [folder / f"{stem}{ext}" for stem in stems for ext in _EXTS + tuple(e.upper() for e in _EXTS)]
+def _image_files(folder: Path) -> dict[str, list[Path]]:
+    """Image files under ``folder`` (any depth) by their path without extension, '/'-separated."""
+    files: dict[str, list[Path]] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in _EXTS and path.is_file():
+            files.setdefault(path.relative_to(folder).with_suffix("").as_posix(), []).append(path)
+    return files
+
+
+def match_files(folder: Path, ids: list[str]) -> tuple[dict[int, Path], list[str], list[str]]:
+    """(row → file, ids without a file, unused files) by exact id; ambiguity is a StoreError."""
+    files = _image_files(folder)
+    found: dict[int, Path] = {}
+    owner: dict[Path, str] = {}
+    missing = []
+    for i, image_id in enumerate(ids):
+        names = dict.fromkeys([image_id, image_id.replace("/", FLAT_SEPARATOR)])
+        hits = [p for name in names for p in files.get(name, [])]
+        if not hits:
+            missing.append(image_id)
+            continue
+        if len(hits) > 1:
+            shown = ", ".join(p.relative_to(folder).as_posix() for p in hits)
+            raise StoreError(f"Image '{image_id}' matches several files in {folder} ({shown}); keep one.")
+        if hits[0] in owner:
+            raise StoreError(f"File {hits[0].relative_to(folder).as_posix()} in {folder} matches two image ids, "
+                             f"'{owner[hits[0]]}' and '{image_id}'; name it by the nested path of one of them.")
+        owner[hits[0]] = image_id
+        found[i] = hits[0]
+    unused = [p.relative_to(folder).as_posix() for paths in files.values() for p in paths if p not in owner]
+    return found, missing, unused
 
 
 def _to_guidance(img: np.ndarray, size: int) -> np.ndarray:
@@ -73,17 +112,12 @@ def import_guidance(store: Store, split: str, folder: str | Path, *, aligned: bo
     if not folder.is_dir():
         raise StoreError(f"Guidance folder {folder} does not exist.")
     sp = store[split]
-    found: dict[int, Path] = {}
-    missing = []
-    for i, image_id in enumerate(sp.ids):
-        path = next((c for c in _candidates(folder, image_id) if c.is_file()), None)
-        if path is None:
-            missing.append(image_id)
-        else:
-            found[i] = path
+    found, missing, unused = match_files(folder, sp.ids)
     if not found:
+        flat = sp.ids[0].replace("/", FLAT_SEPARATOR)
+        example = f"{sp.ids[0]}.png" + (f" or {flat}.png" if flat != sp.ids[0] else "")
         raise StoreError(f"No guidance image in {folder} is named after an image id of split '{split}' "
-                         f"(expected e.g. {sp.ids[0]}.png).")
+                         f"(expected e.g. {example}).")
     for _ in bounded_map(read_image, list(found.values()), workers=2):
         pass  # raises ImageReadError naming the first unreadable file
     gs = store.guidance_for(fingerprint, provenance="aligned" if aligned else "unknown", force=force)
@@ -92,7 +126,7 @@ def import_guidance(store: Store, split: str, folder: str | Path, *, aligned: bo
         gs.write(split, i, _to_guidance(img, gs.size))
         if progress:
             progress(n, len(items))
-    return TransferSummary(written=len(items), missing=missing, group=gs.id)
+    return TransferSummary(written=len(items), missing=missing, group=gs.id, unused=unused)
 
 
 def export_guidance(store: Store, folder: str | Path, *, splits: list[str] | None = None, gid: str | None = None,
@@ -101,8 +135,11 @@ def export_guidance(store: Store, folder: str | Path, *, splits: list[str] | Non
 
     A group made by the ``caption`` source also gets ``folder/<split>/captions.jsonl`` (one
     ``{"split", "id", "raw", "prompt", "edited"}`` per line; ``tdr cache captions --from`` reads it back)."""
-    gs = store.guidance(gid)
     folder = Path(folder)
+    blocking = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise StoreError(f"Cannot export into {folder}: {blocking} is a file, not a folder; choose another folder.")
+    gs = store.guidance(gid)
     names = splits or [s for s in store.splits if s in gs.group]
     written, missing = 0, []
     todo = []

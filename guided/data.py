@@ -109,7 +109,7 @@ class TripleDataset(Dataset):
         if self._store is None:
             store = open_store(self.url, storage_options=self.storage_options)
             self._split = store[self.split]
-            self._guid = store.guidance(self.group).array(self.split) if self.guidance_mode == "cache" else None
+            self._guid = store.guidance(self.group) if self.guidance_mode == "cache" else None
             self._store = store
         return self._split
 
@@ -144,7 +144,7 @@ class TripleDataset(Dataset):
         item = {"lq": lq, "gt": gt, "index": torch.tensor(i), "box": torch.tensor(tbox),
                 "full_size": torch.tensor(tfull)}
         if self.guidance_mode == "cache":
-            item["guidance"] = _apply(_to_tensor(self._guid[i]), flip, rot)
+            item["guidance"] = _apply(_to_tensor(self._guid.read(self.split, i)), flip, rot)
         elif self.guidance_mode == "degraded":
             guide = layout_square(sp.read_lq(i), self.guidance_size, self.layout)
             item["guidance"] = _apply(_to_tensor(guide), flip, rot)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,7 @@ from PIL import Image
 
 from ..cache import open_store
 from ..cache.errors import StoreError, TdrError
+from ..cache.ingest import min_side
 from .aggregation import guidance_box
 from .checkpoint import build_model, is_run_checkpoint, load_file, migrate
 from .config import EvalConfig, resolve_search
@@ -183,6 +185,8 @@ def _safe(name: str) -> str:
 def evaluate(config: EvalConfig, progress: Progress | None = None) -> EvalResult:
     """Score a run checkpoint on ``config.split`` of ``config.store``; see the module docstring."""
     t0 = time.perf_counter()
+    if config.grids:
+        check_output_dir(Path(config.out) if config.out else Path(config.checkpoint).parent, "--out")
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     store = open_store(config.store)
     if config.dataset and store.dataset != config.dataset:
@@ -201,6 +205,12 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> EvalResult
     data_range = 65535 if sp.dtype == np.uint16 else None
     out_dir = Path(config.out) if config.out else Path(config.checkpoint).parent / f"eval-{config.split}"
     n = min(len(sp), config.limit) if config.limit else len(sp)
+    need = min_side(store.metric)
+    small = [i for i in range(n) if min(sp.lq_size(i)) < need]
+    if small:
+        h, w = sp.lq_size(small[0])
+        raise StoreError(f"Image '{sp.ids[small[0]]}' of split '{config.split}' is {w}×{h} pixels; SSIM and the "
+                         f"border crop need at least {need}×{need}: re-ingest without such images.")
     avg, inputs, grids = MetricAverager(), [], []
     kw = dict(crop_border=conv.crop_border, y_channel=conv.y_channel, data_range=data_range)
     for i in range(n):
@@ -225,6 +235,26 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> EvalResult
                       input_psnr=float(np.mean(inputs)) if inputs else float("nan"), metric=conv.to_dict(),
                       split=config.split, checkpoint=str(config.checkpoint), guidance=run_cfg["guidance"],
                       grids=grids, seconds=time.perf_counter() - t0)
+
+
+def check_output_dir(path: Path, option: str) -> None:
+    """``path`` is a folder, or can be made one under a writable parent; else one clear error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TdrError(f"{option} {path} is a file, not a folder; choose a folder.")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise TdrError(f"{option} {path}: cannot create or write in {parent}; choose a writable folder.")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """``path`` can be written as a file: not a folder, its folder exists or can be made, writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise TdrError(f"{option} {path} is a folder; give a file name, e.g. {path / 'metrics.json'}.")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise TdrError(f"{option} {path} exists and is not writable.")
+    check_output_dir(path.parent, option)
 
 
 def _chw(img: np.ndarray) -> torch.Tensor:

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from ..cache import open_store
-from ..cache.errors import StoreError, TdrError
+from ..cache.errors import DataIntegrityError, StoreError, TdrError
+from ..cache.ingest import min_side
 from . import checkpoint as ckpt_io
 from .aggregation import guidance_box
 from .backbones.common import load_backbone_checkpoint
 from .config import TrainConfig, resolve_search
 from .data import TripleDataset
-from .evaluate import GuidanceSource, metric_convention, restore, to_tensor
+from .evaluate import GuidanceSource, check_output_dir, metric_convention, restore, to_tensor
 from .metrics import MetricAverager
 
 Progress = Callable[[dict], None]
@@ -119,8 +120,17 @@ def _validation_set(store, config: TrainConfig, layout_mode: str, group: str | N
     if config.val_every == 0 or config.val_split not in store.splits or not store[config.val_split].has_gt:
         return None, []
     source = GuidanceSource(store, config.val_split, layout_mode, group)
-    n = len(store[config.val_split])
-    return source, list(range(min(n, config.val_images) if config.val_images else n))
+    sp = store[config.val_split]
+    rows = list(range(min(len(sp), config.val_images) if config.val_images else len(sp)))
+    need, c = min_side(store.metric), config.val_crop
+    for i in rows:  # the metrics run after training steps: refuse what they cannot score before the first
+        h, w = sp.lq_size(i)
+        side = min(h, w, c) if c else min(h, w)
+        if side < need:
+            raise StoreError(f"Validation image '{sp.ids[i]}' of split '{config.val_split}' gives a {side}-pixel "
+                             f"side, but SSIM and the border crop need at least {need}; re-ingest without images "
+                             f"under {need}×{need} pixels, or pass --val-every 0.")
+    return source, rows
 
 
 @torch.no_grad()
@@ -164,6 +174,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         torch.cuda.set_device(device)
     run_dir = Path(config.out)
     last = run_dir / "last.pt"
+    check_output_dir(run_dir, "--out")  # before anything runs
     try:
         # 2. the run folder: new, or resumed from last.pt
         resume_ckpt = None
@@ -250,7 +261,17 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
               "params": sum(p.numel() for p in model.parameters()), "lr": lr, "agg_lr": agg_lr})
         t_loop = time.perf_counter()
         step = start
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (DataIntegrityError, RuntimeError) as exc:  # a damaged chunk, maybe raised in a loader worker
+                error = _data_error(exc)
+                if error is None:
+                    raise
+                raise _stopped(error, step, start, main, save, last) from None
             lq = batch["lq"].to(device, non_blocking=True)
             gt = batch["gt"].to(device, non_blocking=True)
             with autocast:
@@ -281,7 +302,10 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
                     val_model = new_model()
                     val_model.load_state_dict(ema.state)
                     val_model.to(device)
-                metrics = validate(val_model, store, config, val_source, val_rows, device)
+                try:
+                    metrics = validate(val_model, store, config, val_source, val_rows, device)
+                except DataIntegrityError as exc:
+                    raise _stopped(exc, step, start, main, save, last) from None
                 result.val.append({"step": step, **metrics})
                 emit({"event": "val", "step": step, **metrics})
             periodic = bool(config.save_every) and step % config.save_every == 0
@@ -299,6 +323,27 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _stopped(error: DataIntegrityError, step: int, start: int, main: bool, save, last: Path) -> DataIntegrityError:
+    """Save the finished steps to ``last`` and return the one-line error saying how to continue."""
+    if main and step > start:
+        save(step, last)
+        return DataIntegrityError(f"{error} Training stopped after step {step}, saved in {last}; once the store is "
+                                  "repaired, add --resume to the same command to continue.")
+    return error
+
+
+def _data_error(exc: BaseException) -> DataIntegrityError | None:
+    """The store's one-line error, also when a DataLoader worker re-raised it with its traceback text."""
+    if isinstance(exc, DataIntegrityError) and "Original Traceback" not in str(exc):
+        return exc
+    text = str(exc)
+    marker = "DataIntegrityError: "
+    if marker not in text:
+        return None
+    line = text[text.rindex(marker) + len(marker):].strip().splitlines()[0]
+    return DataIntegrityError(line)
 
 
 def _logged(emit, path: Path, every: int = 10):
