@@ -38,8 +38,14 @@ app.add_typer(cache_app, name="cache")
 app.add_typer(datasets_app, name="datasets")
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Turn TdrError into one line on stderr + exit 1, Ctrl-C into a short note + exit 130."""
+def user_errors(fn: Callable | None = None, *,
+                interrupted: str = "what was written is valid; run the same command again to continue.") -> Callable:
+    """Turn TdrError into one line on stderr + exit 1, Ctrl-C into a short note + exit 130.
+
+    ``interrupted`` is what that note says is true for the command (training runs continue with --resume).
+    """
+    if fn is None:
+        return functools.partial(user_errors, interrupted=interrupted)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -52,10 +58,15 @@ def user_errors(fn: Callable) -> Callable:
             sys.unraisablehook = lambda _: None
             raise typer.Exit(exc.exit_code)
         except KeyboardInterrupt:
-            err.print("interrupted: what was written is valid; run the same command again to continue.")
+            err.print(interrupted if interrupted.startswith("interrupted:") else f"interrupted: {interrupted}",
+                      highlight=False)
             raise typer.Exit(130)
 
     return wrapper
+
+
+RESUMABLE = ("interrupted: continue with the same command plus --resume, from the last step saved in the run's "
+             "last.pt (if none was saved yet, run the command again without --resume).")
 
 
 @contextmanager
@@ -166,23 +177,27 @@ def cache_ingest(dataset: str = typer.Option(..., "--dataset", help="Dataset nam
                  workers: int = typer.Option(2, "--workers", min=1, help="Decoding threads."),
                  sigma: Optional[float] = typer.Option(None, "--sigma", help="Gaussian denoising sets: noise level on 0..255 (default 25)."),
                  noise: Optional[str] = typer.Option(None, "--noise", help="Gaussian denoising sets: promptir (clip, truncate) or round."),
+                 repair: bool = typer.Option(False, "--repair", help="Rewrite stored images that are missing or corrupt from the dataset folder."),
                  storage_option: list[str] = _storage_option()) -> None:
     """Copy a dataset's degraded and clean images into a guidance store.
+
+    Splits already in the store are compared with the folder image by image: changed pixels are refused,
+    and damaged stored images are reported (or rewritten with --repair).
 
     Example: tdr cache ingest --dataset gopro --root ~/data/GOPRO_Large --store gopro.zarr
     """
     options = {k: v for k, v in {"sigma": sigma, "noise": noise}.items() if v is not None}
-    summary = _ingest(dataset, root, store, split, workers, options, _options(storage_option))
+    summary = _ingest(dataset, root, store, split, workers, options, _options(storage_option), repair)
     _print_ingest(summary)
 
 
 def _ingest(dataset: str, root: Optional[Path], store: str, split: Optional[str], workers: int = 2,
-            options: Optional[dict] = None, storage_options: Optional[dict] = None):
+            options: Optional[dict] = None, storage_options: Optional[dict] = None, repair: bool = False):
     from .cache.ingest import ingest
 
     with progress_bar("ingest") as update:
         return ingest(dataset, str(root) if root else None, store, splits=_split_list(split), workers=workers,
-                      options=options, storage_options=storage_options,
+                      options=options, storage_options=storage_options, repair=repair,
                       progress=lambda s, d, t: update(d, t, f"ingest {s}"))
 
 
@@ -195,7 +210,8 @@ def _print_ingest(summary) -> None:
     for col in ("split", "degraded", "clean", "status"):
         table.add_column(col)
     for s in summary.splits:
-        table.add_row(s.split, str(s.images), str(s.clean_images), s.status)
+        status = f"repaired {s.repaired} image(s)" if s.repaired else s.status
+        table.add_row(s.split, str(s.images), str(s.clean_images), status)
     out.print(table)
 
 
@@ -232,6 +248,10 @@ def cache_info(store: str = typer.Argument(..., help="Store location."),
     for name, s in facts["splits"].items():
         table.add_row(name, str(s["images"]), str(s["clean_images"]), s["dtype"], _human(s["bytes"]))
     out.print(table)
+    from .cache.report import UNFINISHED
+
+    for name in facts["unfinished_splits"]:
+        out.print(f"split '{name}': {UNFINISHED}", highlight=False)
     if not facts["guidance"]:
         out.print("guidance: none yet")
     for gid, g in facts["guidance"].items():
@@ -279,7 +299,7 @@ def cache_verify(store: str = typer.Argument(..., help="Store location."),
 @user_errors
 def cache_import(store: str = typer.Argument(..., help="Store location."),
                  split: str = typer.Option(..., "--split", help="Split the guidance belongs to."),
-                 source: Path = typer.Option(..., "--from", help="Folder of guidance images named <image id>.png/.jpg (ids with '/' as nested folders, or '__' for each '/')."),
+                 source: Path = typer.Option(..., "--from", help="Folder of guidance images named <image id>.png/.jpg (ids with '/' as nested folders, or '_' for each '/')."),
                  aligned: bool = typer.Option(False, "--aligned", help="The images' geometry follows the degraded images (registered reference photos); default: unknown, matched globally like generated guidance."),
                  layout: str = typer.Option("center", "--layout", help="What each image shows: center (the frame's centre square, as the paper's scripts write) or full (the whole frame)."),
                  label: Optional[str] = typer.Option(None, "--label", help="Name of this guidance source: imports with different labels are separate groups."),
@@ -302,7 +322,7 @@ def cache_import(store: str = typer.Argument(..., help="Store location."),
         out.print(f"{len(summary.missing)} image(s) had no file in {source}, first: {summary.missing[0]}", highlight=False)
     if summary.unused:
         out.print(f"{len(summary.unused)} file(s) in {source} match no image id of split '{split}' and were not "
-                  f"imported, first: {summary.unused[0]} (names: <id>.png, nested or with '__' for '/')", highlight=False)
+                  f"imported, first: {summary.unused[0]} (names: <id>.png, nested or with '_' for '/')", highlight=False)
 
 
 @cache_app.command("export")
@@ -486,7 +506,7 @@ def _textual_command(stage: str, summary: str, example: str, pairs_help: str):
         _run_textual(stage, _textual_options(**given))
 
     command.__doc__ = f"{summary}\n\n    Example: {example}\n    "
-    return user_errors(command)
+    return user_errors(command, interrupted=RESUMABLE)
 
 
 app.command("train-mapper")(_textual_command(
@@ -651,7 +671,7 @@ def _train_layers(config_file: Optional[Path], resume: bool, out_dir: Optional[s
 
 
 @app.command("train")
-@user_errors
+@user_errors(interrupted=RESUMABLE)
 def train_cmd(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone name, e.g. nafnet, nafnet-w32, restormer, nafnet-test."),
     store: Optional[str] = typer.Option(None, "--store", help="Store with the training (and test) split."),

@@ -12,6 +12,10 @@ from .errors import DataIntegrityError
 from .store import Store, pixel_sha256
 
 
+UNFINISHED = ("ingest never finished (killed, or still running elsewhere): readers do not see it; "
+              "run 'tdr cache ingest' for it again")
+
+
 @dataclass
 class Problem:
     split: str
@@ -20,6 +24,8 @@ class Problem:
     what: str        # "corrupt chunk: …" | "missing tiles" | "missing"
 
     def __str__(self) -> str:
+        if self.part == "split":
+            return f"split '{self.split}': {self.what}"
         return f"{self.split}/{self.part} '{self.image_id}': {self.what}"
 
 
@@ -37,6 +43,7 @@ def info(store: Store) -> dict:
     """Per split: image counts, clean images, guidance done/missing per group, bytes on disk."""
     out = {"url": store.url, "dataset": store.dataset, "metric": store.metric, "splits": {}, "guidance": {},
            "default_guidance": store.group.attrs.get("guidance_default")}
+    out["unfinished_splits"] = store.unfinished_splits
     for name in store.splits:
         sp = store[name]
         out["splits"][name] = {"images": len(sp), "clean_images": len(sp.gt_keys), "dtype": str(sp.dtype),
@@ -66,6 +73,8 @@ def verify(store: Store, progress: Callable[[int, int], None] | None = None) -> 
     guidance are listed as missing.
     """
     report = VerifyReport()
+    for name in store.unfinished_splits:
+        report.problems.append(Problem(name, "split", "*", UNFINISHED))
     splits = {name: store[name] for name in store.splits}
     groups = [store.guidance(g) for g in store.guidance_ids()]
     total = sum(len(sp) + len(sp.gt_keys) for sp in splits.values())

@@ -2,7 +2,7 @@
 
 A file belongs to an image only by its exact id: ``<folder>/<id>.<ext>``, where an id with ``/``
 (GoPro ``GOPR0384_11_00/000001``, RealBlur ``scene1/blur/blur_1``) is a nested path, or the flat
-form with every ``/`` written as ``__`` (``GOPR0384_11_00__000001.png``). Export writes the nested
+form with every ``/`` written as ``_`` (``GOPR0384_11_00_000001.png``). Export writes the nested
 form. Nothing is matched by a bare file name, so two images never share one file; an id with more
 than one matching file is refused, and files that match no id are reported.
 """
@@ -26,7 +26,7 @@ IMPORTED_FINGERPRINT = {"kind": "imported"}  # plus provenance/layout/label wher
 _EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-FLAT_SEPARATOR = "__"  # stands for "/" in flat file names of nested ids
+FLAT_SEPARATOR = "_"  # stands for "/" in flat file names of nested ids (a clash is refused)
 
 
 @dataclass

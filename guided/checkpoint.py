@@ -44,8 +44,21 @@ def load_file(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickled code, truncated file, not a torch file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TdrError(f"Cannot read checkpoint {path} as plain tensors (weights_only): {first}.") from None
+        raise TdrError(f"Cannot read checkpoint {path}: {_why_unreadable(path, exc)}.") from None
+
+
+def _why_unreadable(path: Path, exc: BaseException) -> str:
+    """What is wrong with a checkpoint torch could not load safely, in words (never torch's advice to
+    retry with ``weights_only=False``: for a corrupt file that is wrong, and for any file it runs code)."""
+    text = str(exc)
+    if "Unsupported global" in text:
+        return ("it holds pickled Python objects beyond plain tensors, which tdr refuses to load (loading them "
+                "could run code); re-save it as a plain state dict")
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return "it is a damaged or incomplete torch file (truncated or corrupt); use another copy"
+    return "it is not a torch checkpoint (corrupt, truncated, or another kind of file)"
 
 
 def save(path: str | Path, payload: Mapping[str, Any]) -> None:
