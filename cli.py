@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +34,17 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 cache_app = typer.Typer(help="Create, inspect, verify and move guidance caches (Zarr stores).", no_args_is_help=True)
-datasets_app = typer.Typer(help="List supported datasets and check a downloaded copy.", invoke_without_command=True)
+class _DatasetsGroup(typer.core.TyperGroup):
+    """``tdr datasets NAME`` shows one dataset: a first word that is no subcommand is a dataset name."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return "show", self.commands["show"], args
+        return super().resolve_command(ctx, args)
+
+
+datasets_app = typer.Typer(help="List supported datasets (one line each), show one (tdr datasets NAME), check a "
+                                "downloaded copy.", invoke_without_command=True, cls=_DatasetsGroup)
 app.add_typer(cache_app, name="cache")
 app.add_typer(datasets_app, name="datasets")
 
@@ -109,22 +120,46 @@ def root(version: bool = typer.Option(False, "--version", help="Print the versio
 # --------------------------------------------------------------------------------------------- datasets
 @datasets_app.callback()
 def datasets_list(ctx: typer.Context) -> None:
-    """List every supported dataset with its expected on-disk layout.
+    """List every supported dataset, one line each; 'tdr datasets NAME' shows its expected layout.
 
-    Example: tdr datasets
+    Example: tdr datasets gopro
     """
     if ctx.invoked_subcommand is not None:
         return
     from .cache.datasets import list_datasets
 
-    table = Table(title="Datasets", show_lines=True)
-    for col in ("name", "task", "splits", "metric", "expected layout"):
-        table.add_column(col, overflow="fold")
-    for ds in list_datasets():
-        metric = ds.metric
-        metric_text = ("Y" if metric.get("y_channel") else "RGB") + f", SSIM {metric.get('ssim', 'basicsr')}"
-        table.add_row(ds.name, ds.title, ", ".join(ds.splits), metric_text, ds.layout.strip())
-    out.print(table)
+    rows = [(ds.name, ds.title, ", ".join(ds.splits), _metric_text(ds.metric)) for ds in list_datasets()]
+    for line in _columns([("name", "dataset", "splits", "metric"), *rows], width=80):
+        out.print(line, highlight=False, markup=False)
+    out.print("Layout of one: tdr datasets NAME", highlight=False, markup=False)
+
+
+def _metric_text(metric: dict) -> str:
+    return ("Y" if metric.get("y_channel") else "RGB") + f", SSIM {metric.get('ssim', 'basicsr')}"
+
+
+def _columns(rows: list[tuple[str, ...]], width: int) -> list[str]:
+    """Rows as space-separated columns in ``width`` characters; the second column is shortened to fit."""
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    spare = width - (sum(widths) + 2 * (len(widths) - 1))
+    if spare < 0:
+        widths[1] = max(8, widths[1] + spare)
+
+    def cell(text: str, w: int) -> str:
+        return (text if len(text) <= w else text[:w - 1] + "…").ljust(w)
+
+    return ["  ".join(cell(t, w) for t, w in zip(r, widths)).rstrip() for r in rows]
+
+
+@datasets_app.command("show", hidden=True)
+@user_errors
+def datasets_show(name: str = typer.Argument(..., help="Dataset name.")) -> None:
+    """One dataset: task, splits, metric convention and the expected on-disk layout."""
+    from .cache.datasets import get_dataset
+
+    ds = get_dataset(name)
+    out.print(f"{ds.name}: {ds.title}\nsplits: {', '.join(ds.splits)}\nmetric: {_metric_text(ds.metric)}"
+              f"\nexpected layout:\n{ds.layout.strip()}", highlight=False, markup=False)
 
 
 @datasets_app.command("check")
@@ -796,7 +831,10 @@ def demo(out_dir: Path = typer.Option(Path("tdr-demo"), "--out", help="Folder fo
         given = {k: v for k, v in (("iters", iters), ("base_iters", base_iters)) if v is not None}
         result = run_demo(out_dir, DemoSettings(**given),
                           progress=lambda message: (status.update(message), err.print(message, highlight=False)))
-    table = Table(title=f"demo: test split, {result.seconds / 60:.1f} min")
+    took = f"{result.total_seconds / 60:.1f} min in total"
+    if result.total_seconds - result.seconds > 1:
+        took += f", {result.seconds / 60:.1f} min in this invocation"
+    table = Table(title=f"demo: test split, {took}")
     for col in ("model", "PSNR (dB)", "SSIM"):
         table.add_column(col)
     table.add_row("degraded input", f"{result.input_psnr:.2f}", "")
@@ -806,7 +844,53 @@ def demo(out_dir: Path = typer.Option(Path("tdr-demo"), "--out", help="Folder fo
     out.print(f"report: {result.report}", highlight=False)
 
 
+# commands whose CPU work does not promise bit-identical results across thread counts (generation does:
+# its pixels depend on torch's thread count, so it keeps torch's default count)
+LOAD_AWARE_COMMANDS = {"train", "eval", "demo", "train-mapper", "train-cleaner"}
+
+
+def busy_cores(interval: float = 0.3) -> int:
+    """CPU cores kept busy by other processes, from two reads of /proc/stat ``interval`` s apart (0 where
+    there is no /proc/stat). This process sleeps meanwhile, so it does not count itself."""
+    import time
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values), idle
+
+    try:
+        total0, idle0 = read()
+        time.sleep(interval)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return 0
+    if total1 <= total0:
+        return 0
+    busy_fraction = 1.0 - (idle1 - idle0) / (total1 - total0)
+    return int(round(busy_fraction * (os.cpu_count() or 1)))
+
+
+def cpu_threads(busy: int | None = None) -> int:
+    """Intra-op threads for a CPU run: the cores this process may use, less those busy with other work.
+    Two threads on two cores beside one busy process ran 13× slower than one thread (BENCHMARKS.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - (busy_cores() if busy is None else busy))
+
+
+def apply_cpu_policy(argv: list[str]) -> None:
+    """Before torch loads: OpenMP threads sleep instead of spinning when they wait (they no longer steal
+    the cores they wait for), and heavy CPU commands use only the cores not busy at start. Settings the
+    user gave (OMP_WAIT_POLICY, OMP_NUM_THREADS) are kept."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in LOAD_AWARE_COMMANDS and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(cpu_threads())
+
+
 def main() -> None:
+    apply_cpu_policy(sys.argv[1:])
     app(prog_name="tdr")
 
 

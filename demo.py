@@ -53,7 +53,37 @@ class DemoResult:
     report: Path
     metrics: dict = field(default_factory=dict)  # run name -> {"psnr", "ssim"}
     input_psnr: float = 0.0
-    seconds: float = 0.0
+    seconds: float = 0.0  # this invocation
+    total_seconds: float = 0.0  # every invocation that worked on this --out folder, this one included
+
+
+class DemoClock:
+    """Wall time of every ``tdr demo`` invocation on one folder (``timings.json``), so the report's total
+    covers the stages earlier invocations did (and then skipped) too. This invocation's entry is rewritten
+    at every stage, so a killed one still counts up to its last stage."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.before = json.loads(path.read_text()) if path.is_file() else []
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def total(self) -> float:
+        return sum(float(s) for s in self.before) + self.seconds()
+
+    def invocations(self) -> int:
+        return len(self.before) + 1
+
+    def record(self) -> None:
+        self.path.write_text(json.dumps([*self.before, round(self.seconds(), 1)]))
+
+    def wrap(self, say: Progress) -> Progress:
+        def timed(message: str) -> None:
+            self.record()
+            say(message)
+        return timed
 
 
 def run_demo(out: Path, settings: DemoSettings = DemoSettings(), progress: Progress | None = None) -> DemoResult:
@@ -68,9 +98,9 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), progress: Progr
     from .pipeline.generate import SamplingSettings, generate
     from .pipeline.textual import TextualConfig, train_cleaner, train_mapper
 
-    say = progress or (lambda message: None)
-    start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    clock = DemoClock(out / "timings.json")
+    say = clock.wrap(progress or (lambda message: None))
     url = str(out / "demo.zarr")
 
     # 1. dataset → store
@@ -143,8 +173,11 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), progress: Progr
                    if name != "baseline"}, out / "report" / "loss.png")
     tiny_grid = out / "report" / "tiny-guidance.png"
     _tiny_guidance_strip(open_store(url), tiny_run.group, tiny_grid)
-    report = write_report(out, settings, metrics, input_psnr, grids, tiny_grid, time.perf_counter() - start)
-    return DemoResult(report=report, metrics=metrics, input_psnr=input_psnr, seconds=time.perf_counter() - start)
+    clock.record()
+    report = write_report(out, settings, metrics, input_psnr, grids, tiny_grid, clock)
+    clock.record()
+    return DemoResult(report=report, metrics=metrics, input_psnr=input_psnr, seconds=clock.seconds(),
+                      total_seconds=clock.total())
 
 
 def _offset(losses: list[float], start: int) -> list[tuple[int, float]]:
@@ -198,31 +231,46 @@ def plot_curves(curves: dict[str, list], path: Path, size: tuple[int, int] = (72
 
 
 def _tiny_guidance_strip(store, gid: str, path: Path, n: int = 6) -> None:
-    """Degraded test images beside the tiny models' guidance for them, as one PNG row pair."""
+    """Degraded test images (top row) above the tiny models' guidance for them (bottom row), one PNG
+    with each row named at its left."""
     gs, sp = store.guidance(gid), store["test"]
     tiles = []
     for i in range(min(n, len(sp))):
         lq = Image.fromarray(sp.read_lq(i)).resize((96, 96))
         g = Image.fromarray(gs.read("test", i)).resize((96, 96), Image.Resampling.NEAREST)
         tiles.append((lq, g))
-    strip = Image.new("RGB", (96 * len(tiles), 192), "white")
+    label = 64  # px column of row names
+    strip = Image.new("RGB", (label + 96 * len(tiles), 192), "white")
+    draw = ImageDraw.Draw(strip)
+    draw.text((4, 42), "degraded", fill=(0, 0, 0))
+    draw.text((4, 138), "tiny\nguidance", fill=(0, 0, 0))
     for k, (lq, g) in enumerate(tiles):
-        strip.paste(lq, (96 * k, 0))
-        strip.paste(g, (96 * k, 96))
+        strip.paste(lq, (label + 96 * k, 0))
+        strip.paste(g, (label + 96 * k, 96))
     path.parent.mkdir(parents=True, exist_ok=True)
     strip.save(path)
 
 
+def _timing_text(clock: "DemoClock") -> str:
+    total = f"{clock.total() / 60:.1f} minutes of wall time"
+    if clock.invocations() == 1:
+        return f"in {total} (one invocation)"
+    return (f"in {total} over {clock.invocations()} invocations of `tdr demo` on this folder (the last one: "
+            f"{clock.seconds() / 60:.1f} minutes; stages finished earlier were reused, their time is in the total)")
+
+
 def write_report(out: Path, settings: DemoSettings, metrics: dict, input_psnr: float, grids: dict,
-                 tiny_grid: Path, seconds: float) -> Path:
+                 tiny_grid: Path, clock: "DemoClock") -> Path:
     """``out/report/README.md``: what ran, the metrics table, the pictures."""
+    from .guided.evaluate import grid_panels
+
     rel = lambda p: Path(p).resolve().relative_to((out / "report").resolve()).as_posix()  # noqa: E731
     gain = metrics["guided"]["psnr"] - metrics["unguided"]["psnr"]
     bound = metrics["aligned"]["psnr"] - metrics["unguided"]["psnr"]
     lines = [
         "# tdr demo report", "",
         f"The whole flow on the built-in `demo` dataset (48 train / 12 test images with synthetic blur, haze, "
-        f"rain and noise), on the CPU, in {seconds / 60:.1f} minutes.", "",
+        f"rain and noise), on the CPU, {_timing_text(clock)}.", "",
         "## Restoration with and without guidance", "",
         f"`nafnet-small` trained without guidance for {settings.base_iters} iterations (baseline), then continued "
         f"for {settings.iters} more iterations three times with the same budget: without guidance; guided by "
@@ -242,9 +290,9 @@ def write_report(out: Path, settings: DemoSettings, metrics: dict, input_psnr: f
     lines += ["", f"Guided by content views minus unguided, same budget: **{gain:+.2f} dB** (aligned-content, the "
               f"upper bound: {bound:+.2f} dB). bench/guidance_ablation.py measures the same ladder with a longer "
               "budget, unrelated guidance and match accuracy.", "",
-              "![loss curves](loss.png)", "", "### Test images (degraded | guidance | restored | clean)", ""]
+              "![loss curves](loss.png)", "", "### Test images", "", "Each grid names its panels above them.", ""]
     for name in ("unguided", "guided", "aligned"):
-        lines.append(f"**{RUNS[name]}**")
+        lines.append(f"**{RUNS[name]}** ({' | '.join(grid_panels(name != 'unguided'))})")
         lines.append("")
         lines += [f"![{name} {k}]({rel(g)})" for k, g in enumerate(grids[name])]
         lines.append("")

@@ -159,9 +159,21 @@ def _u8(img: np.ndarray) -> np.ndarray:
     return (img.astype(np.float32) / 257.0).round().astype(np.uint8) if img.dtype == np.uint16 else img
 
 
+GRID_LABEL_HEIGHT = 14  # px of the strip above each grid panel holding its name
+
+
+def grid_panels(guided: bool, has_clean: bool = True) -> list[str]:
+    """Names of a grid's panels, left to right, as :func:`grid_image` labels them."""
+    return ["degraded", *(["guidance"] if guided else []), "restored", *(["clean"] if has_clean else [])]
+
+
 def grid_image(lq: np.ndarray, guidance: np.ndarray | None, restored: np.ndarray, gt: np.ndarray | None,
                gap: int = 4) -> np.ndarray:
-    """degraded | guidance (resized to the frame height) | restored | clean, (H, ·, 3) uint8."""
+    """degraded | guidance (resized to the frame height) | restored | clean, each panel named in a white
+    strip above it (panels that do not exist, e.g. guidance of an unguided run, are left out),
+    (GRID_LABEL_HEIGHT + H, ·, 3) uint8."""
+    from PIL import ImageDraw
+
     h = lq.shape[0]
     panels = [_u8(lq)]
     if guidance is not None:
@@ -170,11 +182,19 @@ def grid_image(lq: np.ndarray, guidance: np.ndarray | None, restored: np.ndarray
     panels.append(restored)
     if gt is not None:
         panels.append(_u8(gt))
+    names = grid_panels(guidance is not None, gt is not None)
     white = np.full((h, gap, 3), 255, np.uint8)
     parts = []
     for p in panels:
         parts += [p, white]
-    return np.concatenate(parts[:-1], axis=1)
+    body = np.concatenate(parts[:-1], axis=1)
+    canvas = Image.new("RGB", (body.shape[1], GRID_LABEL_HEIGHT + h), "white")
+    canvas.paste(Image.fromarray(body), (0, GRID_LABEL_HEIGHT))
+    draw, x = ImageDraw.Draw(canvas), 0
+    for name, p in zip(names, panels):
+        draw.text((x + 2, 1), name, fill=(0, 0, 0))
+        x += p.shape[1] + gap
+    return np.asarray(canvas)
 
 
 def _safe(name: str) -> str:
