@@ -71,10 +71,11 @@ def main() -> None:
         try:
             time.sleep(1.0 if busy else 0.0)
             for name, (threads, env) in POLICIES.items():
-                best = max(run(threads, env, args.iters)["it_s"] for _ in range(args.repeats))
+                results = [run(threads, env, args.iters) for _ in range(args.repeats)]
+                best = max(r["it_s"] for r in results)
                 rows.append((busy, name, best))
-                print(f"{'busy' if busy else 'idle':5} {name:44} {best:6.2f} it/s  (load {os.getloadavg()[0]:.2f})",
-                      flush=True)
+                print(f"{'busy' if busy else 'idle':5} {name:40} {best:6.2f} it/s  threads "
+                      f"{','.join(str(r['threads']) for r in results)}  (load {os.getloadavg()[0]:.2f})", flush=True)
         finally:
             if hog is not None:
                 hog.kill()

@@ -191,3 +191,172 @@ def test_import_and_export_guidance(store_url, tmp_path):
     out = export_guidance(open_store(store_url), tmp_path / "exported")
     assert out.written == 2
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "exported" / "train" / "scene1" / "img1.png")), img)
+
+
+# -- issue 14: exact-id import, damaged chunks, re-ingest, concurrency, sizes --------------------------
+def _folder_dataset(root: Path, n: int = 3, size=(40, 48), dtype=np.uint8, seed=0) -> Path:
+    """A `folder` dataset: root/{train,test}/{lq,gt}/imK.png of random pixels."""
+    from tdr.cache.images import write_png
+
+    rng = np.random.default_rng(seed)
+    top = 65535 if dtype == np.uint16 else 255
+    for split in ("train", "test"):
+        for k in range(n):
+            for side in ("lq", "gt"):
+                write_png(root / split / side / f"im{k}.png", rng.integers(0, top, (*size, 3)).astype(dtype))
+    return root
+
+
+def test_import_matches_exact_ids_only_and_reports_unused(store_url, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "guid"
+    (folder / "scene1").mkdir(parents=True)
+    rng = np.random.default_rng(4)
+    a, b, c = (rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3))
+    Image.fromarray(a).save(folder / "img0.png")             # bare name of 'scene0/img0': must not match it
+    Image.fromarray(b).save(folder / "scene1" / "img1.png")  # nested id
+    Image.fromarray(c).save(folder / "scene2_img2.png")      # flat id
+    Image.fromarray(c).save(folder / "notes.png")            # matches nothing
+    summary = import_guidance(open_store(store_url, "a"), "train", folder)
+    assert summary.written == 2
+    assert summary.missing == ["scene0/img0", "scene0/img3", "scene1/img4", "scene2/img5"]
+    assert summary.unused == ["img0.png", "notes.png"]
+    assert open_store(store_url).guidance().done("train").tolist() == [False, True, True, False, False, False]
+
+
+def test_import_refuses_ambiguous_files(store_url, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "guid"
+    (folder / "scene1").mkdir(parents=True)
+    img = np.zeros((8, 8, 3), np.uint8)
+    Image.fromarray(img).save(folder / "scene1" / "img1.png")
+    Image.fromarray(img).save(folder / "scene1_img1.jpg")
+    with pytest.raises(StoreError, match="'scene1/img1' matches several files"):
+        import_guidance(open_store(store_url, "a"), "train", folder)
+    assert open_store(store_url).guidance_ids() == []  # nothing written
+
+
+@pytest.mark.parametrize("damage", ["delete", "corrupt"])
+@pytest.mark.parametrize("part", ["lq", "gt"])
+def test_damaged_image_chunk_is_an_error_not_zeros(store_url, part, damage):
+    from tdr.cache import DataIntegrityError
+
+    shard = Path(store_url, "train", part, "c", "1", "0", "0", "0")
+    if damage == "delete":
+        shard.unlink()
+    else:
+        _flip_byte(shard, shard.stat().st_size // 3)
+    sp = open_store(store_url)["train"]
+    for read in (lambda: sp.read_lq(1) if part == "lq" else sp.read_gt(1),
+                 lambda: sp.read_lq(1, (0, 0, 16, 16)) if part == "lq" else sp.read_gt(1, (0, 0, 16, 16))):
+        with pytest.raises(DataIntegrityError) as exc:
+            read()
+        text = str(exc.value)
+        assert "'scene1/img1'" in text and "split 'train'" in text and "tdr cache ingest --repair" in text
+        assert "\n" not in text and "b'" not in text
+    sp.read_lq(0)  # the others still read
+
+
+def test_all_black_image_is_not_missing(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    st = create_store(url, dataset="fake", metric={})
+    black = np.zeros((20, 30, 3), np.uint8)
+    ingest_split(st, "train", [FakePair("black", ArrayRef("b", black), None, "")])
+    np.testing.assert_array_equal(open_store(url)["train"].read_lq(0), black)
+
+
+def test_reingest_detects_changed_pixels_and_repairs_damage(tmp_path):
+    from tdr.cache import DataIntegrityError
+    from tdr.cache.images import read_image, write_png
+    from tdr.cache.ingest import ingest
+
+    root = _folder_dataset(tmp_path / "data")
+    url = str(tmp_path / "s.zarr")
+    ingest("folder", str(root), url)
+    assert [s.status for s in ingest("folder", str(root), url).splits] == ["present", "present"]
+    shard = Path(url, "test", "lq", "c", "1", "0", "0", "0")
+    shard.unlink()
+    with pytest.raises(DataIntegrityError, match="--repair"):
+        ingest("folder", str(root), url)
+    summary = ingest("folder", str(root), url, repair=True)
+    assert {s.split: (s.status, s.repaired) for s in summary.splits} == {"train": ("present", 0),
+                                                                         "test": ("repaired", 1)}
+    np.testing.assert_array_equal(open_store(url)["test"].read_lq(1), read_image(root / "test" / "lq" / "im1.png"))
+    assert verify(open_store(url)).ok
+    changed = read_image(root / "train" / "gt" / "im2.png").copy()
+    changed[0, 0] ^= 1
+    write_png(root / "train" / "gt" / "im2.png", changed)
+    before = {p: p.read_bytes() for p in Path(url).rglob("*") if p.is_file()}
+    with pytest.raises(StoreError, match="clean image 'im2' of split 'train' has other pixels"):
+        ingest("folder", str(root), url, repair=True)
+    assert {p: p.read_bytes() for p in Path(url).rglob("*") if p.is_file()} == before
+
+
+def test_ingest_refuses_images_too_small_for_the_metrics(tmp_path):
+    from tdr.cache.ingest import ingest
+
+    root = _folder_dataset(tmp_path / "data", size=(10, 40))
+    with pytest.raises(DatasetError, match=r"40×10 pixels.*at least 11×11"):
+        ingest("folder", str(root), str(tmp_path / "s.zarr"))
+
+
+def test_mixed_bit_depths_are_reported_in_words(tmp_path):
+    from tdr.cache.images import write_png
+    from tdr.cache.ingest import ingest
+
+    root = _folder_dataset(tmp_path / "data")
+    for side in ("lq", "gt"):
+        write_png(root / "train" / side / "im2.png", np.full((40, 48, 3), 300, np.uint16))
+    with pytest.raises(DatasetError) as exc:
+        ingest("folder", str(root), str(tmp_path / "s.zarr"), splits=["train"])
+    assert "is 16-bit but the first image of split 'train' is 8-bit" in str(exc.value)
+    assert "np." not in str(exc.value) and "uint" not in str(exc.value)
+
+
+def test_unfinished_split_is_named_by_info_and_verify(store_url):
+    pairs, _ = make_pairs()
+
+    class Broken:
+        calls = 0
+
+        def load(self):  # the size probe reads it; the write then stops like a kill mid-split
+            Broken.calls += 1
+            if Broken.calls > 1:
+                raise KeyboardInterrupt
+            return pairs[4].lq.array
+
+    bad = list(pairs)
+    bad[4] = FakePair(pairs[4].id, Broken(), pairs[4].gt, pairs[4].gt_key)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_split(open_store(store_url, "a"), "test", bad)
+    st = open_store(store_url)
+    assert st.splits == ["train"] and info(st)["unfinished_splits"] == ["test"]
+    report = verify(st)
+    assert [(p.split, p.part) for p in report.problems] == [("test", "split")]
+    assert "never finished" in str(report.problems[0])
+    ingest_split(open_store(store_url, "a"), "test", pairs)  # the next ingest finishes it
+    assert open_store(store_url).splits == ["test", "train"] and verify(open_store(store_url)).ok
+
+
+def test_losing_a_create_race_opens_the_winners_store(tmp_path, monkeypatch):
+    import tdr.cache.store as store_mod
+
+    url = str(tmp_path / "s.zarr")
+    first = create_store(url, dataset="fake", metric={})
+    real, calls = store_mod.open_store, []
+
+    def checked_too_early(*args, **kw):  # the loser looked before the winner had created the store
+        calls.append(args)
+        if len(calls) == 1:
+            raise StoreError(f"No tdr store at {url}; create one with 'tdr cache ingest --store {url}'.")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(store_mod, "open_store", checked_too_early)
+    second = create_store(url, dataset="fake", metric={})
+    assert len(calls) == 2 and second.dataset == first.dataset == "fake"
+    pairs, _ = make_pairs()
+    ingest_split(first, "train", pairs)
+    ingest_split(second, "train", pairs)  # a concurrent ingest of the same split finds it complete
+    assert open_store(url)["train"].ids == [p.id for p in pairs] and verify(open_store(url)).ok

@@ -7,7 +7,7 @@ import math
 import socket
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass as _dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from tdr.guided.evaluate import load_run
 from tdr.guided.train import train
 
 torch.set_num_threads(2)
+dataclass_frozen = _dataclass(frozen=True)
 
 
 def make_store(root: Path, url: str, *, n_train: int = 4, n_test: int = 2) -> str:
@@ -241,7 +242,10 @@ def test_cli_train_then_eval(store, tmp_path):
     pngs = sorted((tmp_path / "g").glob("*.png"))
     assert len(pngs) == 2
     grid = np.asarray(Image.open(pngs[0]))
-    assert grid.shape[:2] == (40, 3 * 56 + 40 + 3 * 4)  # degraded | guidance (square) | restored | clean
+    from tdr.guided.evaluate import GRID_LABEL_HEIGHT  # a strip naming the panels above them
+
+    assert grid.shape[:2] == (GRID_LABEL_HEIGHT + 40, 3 * 56 + 40 + 3 * 4)  # degraded | guidance | restored | clean
+    assert (grid[:GRID_LABEL_HEIGHT] < 128).any()  # the names are drawn
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -263,3 +267,129 @@ def test_cli_bad_inputs(store, tmp_path, args, needle):
     assert res.exit_code != 0
     assert needle in res.stderr and "Traceback" not in res.output
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+# -- issue 14: damaged stores, checks before the first step, path options, messages -------------------
+def _copy(store: str, tmp_path: Path) -> str:
+    import shutil
+
+    return shutil.copytree(store, tmp_path / "copy.zarr")
+
+
+def _one_line_error(res, *needles: str) -> str:
+    assert res.exit_code == 1, res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]  # beside a progress bar
+    assert len(errors) == 1 and "Traceback" not in res.output, res.output
+    text = errors[0]
+    for needle in needles:
+        assert needle in text, text
+    return text
+
+
+def test_eval_refuses_a_deleted_image_chunk(store, tmp_path):
+    from tdr.cli import app
+
+    url = str(_copy(store, tmp_path))
+    train(cfg(url, tmp_path / "run", iters=1))
+    Path(url, "test", "lq", "c", "1", "0", "0", "0").unlink()
+    res = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--store", url])
+    _one_line_error(res, "'im1'", "split 'test'", "tdr cache ingest --repair")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_stops_on_a_damaged_chunk_and_keeps_its_steps(store, tmp_path, workers):
+    from tdr.cache import DataIntegrityError
+    from tdr.guided.data import TripleDataset
+
+    url = str(_copy(store, tmp_path))
+    row = TripleDataset(url, "train", patch=32, seed=0).image_for(2)  # read by step 3 (batch 1)
+    chunk = Path(url, "guidance", open_store(url).guidance().id, "train", "c", str(row), "0", "0", "0")
+    _flip_bytes(chunk)
+    with pytest.raises(DataIntegrityError) as exc:
+        train(cfg(url, tmp_path / "run", iters=8, workers=workers))
+    text = str(exc.value)
+    assert "\n" not in text and f"'{open_store(url)['train'].ids[row]}'" in text and "--resume" in text
+    assert "tdr generate-guidance" in text or "import-guidance" in text
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_validation_sizes_checked_before_the_first_step(tmp_path):
+    from tdr.cache import create_store
+    from tdr.cache.ingest import ingest_split
+
+    @dataclass_frozen
+    class Ref:
+        array: np.ndarray
+
+        def load(self):
+            return self.array
+
+    @dataclass_frozen
+    class P:
+        id: str
+        lq: Ref
+        gt: Ref
+        gt_key: str
+
+    rng = np.random.default_rng(0)
+    url = str(tmp_path / "old.zarr")  # made before ingest refused small images
+    st = create_store(url, dataset="folder", metric={"y_channel": False, "crop_border": 0})
+    for split, side in (("train", 40), ("test", 8)):
+        imgs = [rng.integers(0, 256, (side, 40, 3), dtype=np.uint8) for _ in range(2)]
+        ingest_split(st, split, [P(f"{split}{k}", Ref(im), Ref(im), f"g{k}") for k, im in enumerate(imgs)])
+    events = []
+    with pytest.raises(TdrError, match="'test0'.*at least 11"):
+        train(cfg(url, tmp_path / "run", guidance="none", iters=2, val_every=2), progress=events.append)
+    assert not [e for e in events if e["event"] == "step"]
+
+
+def test_path_options_are_checked_before_any_work(store, tmp_path, monkeypatch):
+    from tdr.cli import app
+    import tdr.guided.evaluate as evaluate_mod
+
+    runner = CliRunner()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    res = runner.invoke(app, ["train", "--backbone", "nafnet-test", "--store", store, "--out", str(a_file),
+                              "--iters", "1", "--patch", "32"])
+    _one_line_error(res, "--out", "is a file")
+    run = tmp_path / "run"
+    train(cfg(store, run, iters=1))
+    ckpt = str(run / "last.pt")
+    res = runner.invoke(app, ["eval", "--checkpoint", ckpt, "--store", store, "--grids", "1", "--out", str(a_file)])
+    _one_line_error(res, "--out", "is a file")
+    monkeypatch.setattr(evaluate_mod, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    res = runner.invoke(app, ["eval", "--checkpoint", ckpt, "--store", store, "--json", str(tmp_path)])
+    _one_line_error(res, "--json", "is a folder")
+    res = runner.invoke(app, ["cache", "export", store, "--to", str(a_file)])
+    _one_line_error(res, "is a file")
+
+
+def test_unreadable_checkpoint_message_gives_no_unsafe_advice(store, tmp_path):
+    from tdr.cli import app
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    res = CliRunner().invoke(app, ["eval", "--checkpoint", str(junk), "--store", store])
+    text = _one_line_error(res, "junk.pt", "not a torch checkpoint")
+    assert "weights_only" not in text and "likely succeed" not in text
+
+
+def test_ctrl_c_in_training_names_resume(store, tmp_path, monkeypatch):
+    import tdr.guided.train as train_mod
+    from tdr.cli import app
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", interrupted)
+    res = CliRunner().invoke(app, ["train", "--backbone", "nafnet-test", "--store", store,
+                                   "--out", str(tmp_path / "r"), "--iters", "1"])
+    assert res.exit_code == 130
+    assert "--resume" in res.stderr and "run the same command again to continue" not in res.stderr
