@@ -121,3 +121,35 @@ def test_import_refuses_unreadable_file_without_writing(tmp_path):
     result = run("cache", "import-guidance", store, "--split", "test", "--from", str(folder), code=1)
     assert ids[1] in result.output
     assert open_store(store).guidance_ids() == []
+
+
+def test_datasets_listing_fits_80_columns_and_one_shows_its_layout():
+    from tdr.cache.datasets import list_datasets
+
+    lines = runner.invoke(app, ["datasets"], env={"COLUMNS": "80"}).output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert len(lines) == len(list_datasets()) + 2  # a header, one line per dataset, a hint
+    shown = run("datasets", "gopro").output
+    assert "expected layout" in shown and "GOPRO_Large" in shown
+    assert "Unknown dataset 'nosuch'" in run("datasets", "nosuch", code=1).stderr
+
+
+def test_cpu_policy_uses_idle_cores_and_keeps_user_settings(monkeypatch):
+    import os
+
+    from tdr import cli
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert cli.cpu_threads(busy=0) == cores and cli.cpu_threads(busy=cores) == 1
+    assert cli.cpu_threads(busy=1) == max(1, cores - 1)
+    monkeypatch.setattr(cli, "busy_cores", lambda: cores)  # every core busy with other work
+    cli.apply_cpu_policy(["generate-guidance", "--dataset", "demo"])  # its bits depend on the thread count
+    assert "OMP_NUM_THREADS" not in os.environ and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    cli.apply_cpu_policy(["train", "--out", "x"])
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cli.apply_cpu_policy(["train"])
+    assert os.environ["OMP_NUM_THREADS"] == "3" and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

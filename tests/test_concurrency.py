@@ -66,3 +66,24 @@ def test_truncated_chunk_is_detected_and_regenerated(tmp_path):
     np.testing.assert_array_equal(open_store(store).guidance().read("test", 1), before)  # same pixels, same noise
     problems = verify(open_store(store)).problems  # only the images this --limit run never reached
     assert [p.what for p in problems] == ["missing"] * (N - 3)
+
+
+def test_processes_creating_one_new_store_at_once(tmp_path):
+    """Several ingests of one split into a store that does not exist yet, started at the same moment:
+    all succeed (the losers open what the winner made) and the store is whole."""
+    import os
+    import time
+
+    store = str(tmp_path / "new.zarr")
+    start = time.time() + 8.0  # every process imports tdr first, then all begin together
+    code = ("import sys, time; from tdr.cache.ingest import ingest; time.sleep(max(0.0, float(sys.argv[2]) - "
+            "time.time())); ingest('demo', None, sys.argv[1], splits=['test'])")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code, store, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert time.time() > start  # they did wait for the common start
+    st = open_store(store)
+    assert st.splits == ["test"] and len(st["test"]) == N and not st.unfinished_splits
+    assert verify(st).ok

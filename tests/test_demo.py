@@ -37,3 +37,24 @@ def test_demo_writes_report_with_table_and_pictures(tmp_path):
     # rerunning reuses what is there
     again = CliRunner().invoke(app, ["demo", "--out", str(out), "--iters", "4", "--base-iters", "4"])
     assert again.exit_code == 0, again.output
+    # issue 14: the total covers both invocations; each grid heading names as many panels as its grids have
+    report = (out / "report" / "README.md").read_text()
+    times = json.loads((out / "timings.json").read_text())
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert "over 2 invocations" in report and f"in {sum(times) / 60:.1f} minutes" in report
+    headings = re.findall(r"\*\*(\w+)\*\* \(([^)]*)\)", report)
+    assert [name for name, _ in headings] == ["unguided", "guided"]
+    for name, panels in headings:
+        grids = [p for p in pictures if p.startswith(f"{name}/")]
+        assert grids and all(_panel_count(out / "report" / g) == len(panels.split(" | ")) for g in grids)
+
+
+def _panel_count(path) -> int:
+    """Panels of an eval grid: runs of all-white separator columns below the label strip, plus one."""
+    import numpy as np
+
+    from tdr.guided.evaluate import GRID_LABEL_HEIGHT
+
+    body = np.asarray(Image.open(path).convert("RGB"))[GRID_LABEL_HEIGHT:]
+    white = (body == 255).all(axis=(0, 2))
+    return int((white[1:] & ~white[:-1]).sum()) + 1
