@@ -105,7 +105,8 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), progress: Progr
 
     # 1. dataset → store
     say("1/6 building the demo dataset and ingesting it")
-    ingest("demo", None, url)
+    if set(_complete_splits(url)) != {"train", "test"}:  # a rerun skips re-reading every image
+        ingest("demo", None, url)
 
     # 2. textual stages with tiny random models
     say("2/6 training the mapper and the cleaner (tiny models)")
@@ -178,6 +179,15 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), progress: Progr
     clock.record()
     return DemoResult(report=report, metrics=metrics, input_psnr=input_psnr, seconds=clock.seconds(),
                       total_seconds=clock.total())
+
+
+def _complete_splits(url: str) -> list[str]:
+    from .cache import StoreError, open_store
+
+    try:
+        return open_store(url).splits
+    except StoreError:
+        return []
 
 
 def _offset(losses: list[float], start: int) -> list[tuple[int, float]]:
