@@ -154,7 +154,10 @@ def _columns(rows: list[tuple[str, ...]], width: int) -> list[str]:
 @datasets_app.command("show", hidden=True)
 @user_errors
 def datasets_show(name: str = typer.Argument(..., help="Dataset name.")) -> None:
-    """One dataset: task, splits, metric convention and the expected on-disk layout."""
+    """One dataset: task, splits, metric convention and the expected on-disk layout.
+
+    Example: tdr datasets gopro
+    """
     from .cache.datasets import get_dataset
 
     ds = get_dataset(name)
@@ -565,6 +568,8 @@ def _quiet_model_libraries() -> None:
 
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+TINY_SIZE = 64  # default guidance side of the tiny preset (tests and the demo use it): at 512² its UNet's
+# self-attention over 64² latent tokens made it ~10 s/image on a CPU (BENCHMARKS.md)
 
 
 @app.command("generate-guidance")
@@ -592,7 +597,7 @@ def generate_guidance(
     cleaner: Optional[str] = typer.Option(None, "--cleaner", help="Cleaner: train-cleaner's last.pt, its pretrained/ folder, or a Hub id in the HF cache."),
     preset: str = typer.Option("full", "--preset", help="full: real models; tiny: tiny random models (tests, demo)."),
     allow_untrained: bool = typer.Option(False, "--allow-untrained", help="Run real models with a random mapper/cleaner."),
-    size: int = typer.Option(512, "--size", min=64, help="Guidance side in pixels (SD-2.1-base: 512)."),
+    size: Optional[int] = typer.Option(None, "--size", min=64, help="Guidance side in pixels (default: 512, SD-2.1-base's; 64 with --preset tiny, whose random models make no pictures worth a 512² attention cost)."),
     force: bool = typer.Option(False, "--force", help="Add a new guidance group if the store holds other guidance."),
     workers: int = typer.Option(0, "--workers", min=0, help="Sample on N local dask workers (one per GPU; CPU processes without GPUs); 0: in this process."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Sample on a running dask cluster, e.g. tcp://10.0.0.5:8786 (SLURM: see README)."),
@@ -633,6 +638,7 @@ def generate_guidance(
     from .pipeline.sources import build_source
 
     options = _options(storage_option)
+    size = size or (TINY_SIZE if preset == "tiny" else 512)
     settings = SamplingSettings(steps=steps, scale=scale, seed=seed, layout=layout, size=size)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     words = load_word_file(caption_words) if caption_words else ()

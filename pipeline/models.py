@@ -96,12 +96,12 @@ VIT_H14_VISION_CONFIG = {
 }
 
 # --- the tiny preset ---
-TINY_UNET_CONFIG = {  # attention only at the coarse level: at 512² the fine level's self-attention over
-    "sample_size": 8,   # 64² latent tokens cost most of the tiny preset's time (BENCHMARKS.md)
+TINY_UNET_CONFIG = {
+    "sample_size": 8,
     "in_channels": 4,
     "out_channels": 4,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
     "block_out_channels": (32, 64),
     "layers_per_block": 1,
     "attention_head_dim": (2, 4),

@@ -103,3 +103,13 @@ def test_missing_models_one_clear_error(tmp_path, monkeypatch):
 def test_bad_options_exit_2(tmp_path):
     result = runner.invoke(app, ["generate-guidance", *TINY, "--store", str(tmp_path / "s"), "--layout", "diagonal"])
     assert result.exit_code == 2
+
+
+def test_tiny_preset_defaults_to_a_small_guidance_side(tmp_path):
+    """At 512² the tiny UNet's self-attention over 64² latent tokens cost ~10 s/image on a CPU; without
+    --size the tiny preset makes 64² guidance (the real models keep 512²)."""
+    store = str(tmp_path / "s.zarr")
+    run("generate-guidance", "--preset", "tiny", "--steps", "1", "--device", "cpu", "--dataset", "demo",
+        "--split", "test", "--store", store, "--limit", "2")
+    gs = open_store(store).guidance()
+    assert gs.size == 64 and gs.read("test", 0).shape == (64, 64, 3)

@@ -81,3 +81,22 @@ def test_every_command_help_has_summary_and_example(command):
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0
     assert "Example: tdr " in result.output
+
+
+def test_test_extra_pins_the_aws_stack_together_and_ci_installs_like_the_readme():
+    """A bare boto3 beside s3fs made pip 23.2 (Python 3.11's) backtrack for 15 minutes: the newest boto3
+    needs a botocore newer than aiobotocore allows. The three are bounded together; CI installs with the
+    venv's own pip, exactly the README's second command."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    reqs = {Requirement(r).name: Requirement(r) for r in extra}
+    for name in ("boto3", "aiobotocore", "s3fs"):
+        assert name in reqs and any(s.operator == "<" for s in reqs[name].specifier), reqs.get(name)
+    readme = (ROOT / "README.md").read_text()
+    command = 'pip install torch==2.13.0 -e ".[test]" && python -m pytest'
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert command in readme and command in ci.replace("pip install -q ", "pip install ")
+    assert "--upgrade pip" not in ci
