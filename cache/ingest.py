@@ -116,7 +116,7 @@ def check_split(store: Store, split: str, pairs: Sequence["Pair"], *, repair: bo
             raise StoreError(f"The {kind} image '{name}' of split '{split}' has other pixels in the dataset folder "
                              f"than in {store.url} (changed under the same id); the store's guidance was made from "
                              "the old pixels: ingest into a new --store.")
-        i = row if part == "lq" else sp.ids.index(name)
+        i = row if part == "lq" else sp.index(name)
         try:
             sp.read_lq(i) if part == "lq" else sp.read_gt(i)
         except DataIntegrityError:

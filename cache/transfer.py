@@ -148,11 +148,10 @@ def export_guidance(store: Store, folder: str | Path, *, splits: list[str] | Non
         ids = store[name].ids
         todo += [(name, i, ids[i]) for i in range(len(ids)) if done[i]]
         missing += [f"{name}/{ids[i]}" for i in range(len(ids)) if not done[i]]
-    arrays = {name: gs.array(name) for name in names}
     for name, i, image_id in todo:
         path = folder / name / f"{image_id}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_png(path, arrays[name][i])
+        write_png(path, gs.read(name, i))  # a corrupt chunk: one line naming the image
         written += 1
         if progress:
             progress(written, len(todo))
