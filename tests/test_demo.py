@@ -43,10 +43,14 @@ def test_demo_writes_report_with_table_and_pictures(tmp_path):
     assert len(times) == 2 and all(t > 0 for t in times)
     stated = re.search(r"in (\d+\.\d) minutes of wall time over 2 invocations", report)
     assert stated and times[0] / 60 - 0.05 <= float(stated.group(1)) <= sum(times) / 60 + 0.05
-    headings = re.findall(r"\*\*(\w+)\*\* \(([^)]*)\)", report)
-    assert [name for name, _ in headings] == ["unguided", "guided"]
-    for name, panels in headings:
-        grids = [p for p in pictures if p.startswith(f"{name}/")]
+    from tdr.demo import RUNS
+
+    panel = "(?:degraded|guidance|restored|clean)"
+    headings = re.findall(rf"\*\*([^*]+)\*\* \(({panel}(?: \| {panel})*)\)", report)
+    run_of = {label: name for name, label in RUNS.items()}
+    assert [run_of.get(label) for label, _ in headings] == ["unguided", "guided", "aligned"]
+    for label, panels in headings:
+        grids = [p for p in pictures if p.startswith(f"{run_of[label]}/")]
         assert grids and all(_panel_count(out / "report" / g) == len(panels.split(" | ")) for g in grids)
 
 
