@@ -823,7 +823,7 @@ def eval_cmd(
 def demo(out_dir: Path = typer.Option(Path("tdr-demo"), "--out", help="Folder for the demo store, runs and report."),
          iters: Optional[int] = typer.Option(None, "--iters", min=1, help="Iterations of each continued run (unguided / guided; default 500)."),
          base_iters: Optional[int] = typer.Option(None, "--base-iters", min=1, help="Iterations of the unguided baseline (default 300).")) -> None:
-    """Run the whole flow on the built-in demo dataset with tiny models (no GPU, no weights), a few minutes.
+    """Run the whole flow on the built-in demo dataset with tiny models (no GPU, no weights), 10–15 minutes on 2 cores.
 
     Example: tdr demo --out demo-run
     """
