@@ -72,28 +72,17 @@ def load_pretrained(folder: str | os.PathLike, kind: str) -> Mapper | Cleaner:
     return module
 
 
-def looks_like_hub_id(name: str) -> bool:
-    parts = str(name).split("/")
-    return len(parts) == 2 and all(parts) and not str(name).startswith((".", "~")) and not str(name).endswith(".pt")
-
-
 def locate(name: str | os.PathLike) -> tuple[Path | None, str]:
-    """A ``--mapper`` / ``--cleaner`` value -> (a ``.pt`` file or a folder, or None; where it was looked for)."""
-    from .models import hf_cache_dir
+    """A ``--mapper`` / ``--cleaner`` value -> (a ``.pt`` file or a folder, or None; where it was looked for):
+    a file as it is, else a local folder or an offline Hub id, found like every other model."""
+    from .models import _resolve
 
     path = Path(name).expanduser()
-    if path.is_file() or path.is_dir():
+    if path.is_file():
         return path, str(path)
-    if not looks_like_hub_id(str(name)):
-        return None, f"no such file or folder {path}"
-    cache = hf_cache_dir()
-    where = f"no folder {path} and not in the HF cache {cache / ('models--' + str(name).replace('/', '--'))}"
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(name), cache_dir=cache, local_files_only=True)), where
-    except Exception:
-        return None, where
+    if str(name).endswith(".pt"):
+        return None, f"no such file {path}"
+    return _resolve(name)
 
 
 def textual_sha256(path: str | os.PathLike) -> str:
