@@ -73,6 +73,7 @@ class TrainConfig:
     search: str = "auto"  # matching: auto (prior if the guidance is aligned, else global), global, prior, masa
     match: str = "image"  # features matched: "image" (fixed, degradation-robust) or "encoder" (paper: learned)
     transfer: str = "bilinear"  # "bilinear" (sub-cell displacement) or "patch" (paper: whole-cell patches)
+    swap: float = 0.0  # share of training crops given another image's guidance (see TripleDataset.guidance_image)
     iters: int = 1000
     patch: int = 128  # training crop side
     batch_size: int = 4  # per process (global batch = batch_size · world size)

@@ -74,11 +74,14 @@ class TripleDataset(Dataset):
     """
 
     def __init__(self, url: str, split: str, *, patch: int, guidance: str = "cache", group: str | None = None,
-                 augment: bool = True, seed: int = 0, storage_options: Mapping[str, Any] | None = None):
+                 augment: bool = True, seed: int = 0, swap: float = 0.0,
+                 storage_options: Mapping[str, Any] | None = None):
         if guidance not in GUIDANCE_MODES:
             raise ValueError(f"guidance must be one of {GUIDANCE_MODES}")
+        if not 0.0 <= swap <= 1.0:
+            raise ValueError(f"swap must be a probability in [0, 1], not {swap}")
         self.url, self.split, self.patch, self.guidance_mode = url, split, int(patch), guidance
-        self.group, self.augment, self.seed = group, augment, int(seed)
+        self.group, self.augment, self.seed, self.swap = group, augment, int(seed), float(swap)
         self.storage_options = dict(storage_options) if storage_options else None
         store = open_store(url, storage_options=self.storage_options)
         sp = store[split]
@@ -143,12 +146,27 @@ class TripleDataset(Dataset):
         tbox, tfull = transform_box(box, (h, w), flip, rot)
         item = {"lq": lq, "gt": gt, "index": torch.tensor(i), "box": torch.tensor(tbox),
                 "full_size": torch.tensor(tfull)}
+        j = self.guidance_image(k, i)
         if self.guidance_mode == "cache":
-            item["guidance"] = _apply(_to_tensor(self._guid.read(self.split, i)), flip, rot)
+            item["guidance"] = _apply(_to_tensor(self._guid.read(self.split, j)), flip, rot)
         elif self.guidance_mode == "degraded":
-            guide = layout_square(sp.read_lq(i), self.guidance_size, self.layout)
+            guide = layout_square(sp.read_lq(j), self.guidance_size, self.layout)
             item["guidance"] = _apply(_to_tensor(guide), flip, rot)
         return item
+
+    def guidance_image(self, k: int, i: int) -> int:
+        """Image row whose guidance sample ``k`` (of image ``i``) gets: with probability ``swap`` another
+        image's, drawn from its own stream so crops and flips do not change with ``swap``. A guidance
+        image is a fixed signature of its input, so a network can memorise training images through it
+        even when it shows nothing useful; pairing a share of crops with another image's guidance makes
+        that pay nothing, and teaches the fusion gates to stay shut where the guidance does not match."""
+        if self.swap <= 0.0 or self.n < 2:
+            return i
+        rng = np.random.default_rng([self.seed, int(k), 0x5A9])
+        if rng.random() >= self.swap:
+            return i
+        j = int(rng.integers(self.n - 1))
+        return j + (j >= i)
 
 
 class SampleSequence(Sampler[int]):

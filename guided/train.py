@@ -192,7 +192,7 @@ def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
         if "train" not in store.splits:
             raise StoreError(f"Store {config.store} has no 'train' split (it has: {', '.join(store.splits)}).")
         ds = TripleDataset(config.store, "train", patch=config.patch, guidance=config.guidance,
-                           group=config.group, seed=config.seed)
+                           group=config.group, seed=config.seed, swap=config.swap)
         if config.guidance == "cache":
             config = replace(config, group=ds.group)
         config = replace(config, search=resolve_search(config.search, ds.provenance, config.group))

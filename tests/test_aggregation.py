@@ -475,7 +475,8 @@ def test_positions_outside_the_centre_square_draw_from_guidance():
 
 
 def _reference_coarse_vote(fx, fg, ok_x, ok_g, vote):
-    """The global search's coarse vote as plain loops (one sample): score of every (version, d) at p."""
+    """The global search's coarse vote as plain loops (one sample): score of every (version, d) at p, the
+    mean over p's vote² window (all of X when X is no larger than the window)."""
     C, h, w = fx.shape
     V, _, hg, wg = fg.shape
     r = vote // 2
@@ -501,6 +502,8 @@ def _reference_coarse_vote(fx, fg, ok_x, ok_g, vote):
                     continue
                 win = [(y, x) for y in range(py - r, py + r + 1) for x in range(px - r, px + r + 1)
                        if 0 <= y < h and 0 <= x < w]
+                if max(h, w) <= vote:  # X no larger than the template: X is the template
+                    win = list(itertools.product(range(h), range(w)))
                 scores[v, dy, dx, py, px] = sum(float(cos[y, x]) for y, x in win if ok_x[0, 0, y, x]) \
                     / sum(bool(ok_x[0, 0, y, x]) for y, x in win)
     return scores
@@ -529,14 +532,20 @@ def test_coarse_vote_equals_reference_loop():
 
 
 def test_coarse_vote_whole_window_shortcut_agrees():
-    """Windows that hold all of X (small training crops) take a shortcut: the same answer as box sums."""
+    """A crop no larger than the template (training crops) is its own template: every cell takes the
+    reference's best (version, displacement) over all cells, with X's padding cells, a narrower version
+    of G and two samples."""
     torch.manual_seed(5)
-    fx, fg = torch.randn(1, 3, 3, 4, dtype=torch.float64), torch.randn(1, 2, 3, 5, 6, dtype=torch.float64)
-    ok_x, ok_g = torch.ones(1, 1, 3, 4, dtype=torch.bool), torch.ones(1, 2, 1, 5, 6, dtype=torch.bool)
-    fast = search_mod.coarse_vote(fx, fg, ok_x, ok_g, 7)
-    ref = _reference_coarse_vote(fx[0], fg[0], ok_x, ok_g[0], 7)
-    for py, px in itertools.product(range(3), range(4)):
-        here = {k[:3]: s for k, s in ref.items() if k[3:] == (py, px)}
-        top = max(here, key=here.get)
-        assert fast[0][0, py, px].item() == pytest.approx(here[top], abs=1e-9)
-        assert (int(fast[1][0, py, px]), int(fast[2][0, 0, py, px]), int(fast[2][0, 1, py, px])) == top
+    fx, fg = torch.randn(2, 3, 3, 4, dtype=torch.float64), torch.randn(2, 2, 3, 5, 6, dtype=torch.float64)
+    fg[1, 1, :, 2:5, 1:5] = fx[1]  # sample 1 has its X inside version 1 at d = (2, 1)
+    ok_x, ok_g = torch.ones(1, 1, 3, 4, dtype=torch.bool), torch.ones(2, 2, 1, 5, 6, dtype=torch.bool)
+    ok_x[..., -1] = False
+    ok_g[:, 0, :, :, -2:] = False
+    fast = search_mod.coarse_vote(fx, fg, ok_x, ok_g, 5)
+    for b in range(2):
+        ref = _reference_coarse_vote(fx[b], fg[b], ok_x, ok_g[b], 5)
+        top = max(ref, key=ref.get)[:3]  # a (v, d)'s score is the same at every cell whose target is in G_v
+        for py, px in itertools.product(range(3), range(4)):
+            assert fast[0][b, py, px].item() == pytest.approx(max(ref.values()), abs=1e-9)
+            assert (int(fast[1][b, py, px]), int(fast[2][b, 0, py, px]), int(fast[2][b, 1, py, px])) == top
+    assert (fast[1][1, :, :3] == 1).all() and (fast[2][1, 0, :, :3] == 2).all() and (fast[2][1, 1, :, :3] == 1).all()

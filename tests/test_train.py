@@ -393,3 +393,21 @@ def test_ctrl_c_in_training_names_resume(store, tmp_path, monkeypatch):
                                    "--out", str(tmp_path / "r"), "--iters", "1"])
     assert res.exit_code == 130
     assert "--resume" in res.stderr and "run the same command again to continue" not in res.stderr
+
+
+def test_swap_gives_a_share_of_crops_another_images_guidance(store):
+    from tdr.guided.data import TripleDataset
+
+    own = TripleDataset(store, "train", patch=32, seed=0)
+    half = TripleDataset(store, "train", patch=32, seed=0, swap=0.5)
+    every = TripleDataset(store, "train", patch=32, seed=0, swap=1.0)
+    swapped = 0
+    for k in range(40):
+        a, b, c = own[k], half[k], every[k]
+        for item in (b, c):  # crops, flips and boxes do not depend on swap
+            assert torch.equal(item["lq"], a["lq"]) and torch.equal(item["box"], a["box"])
+        assert not torch.equal(c["guidance"], a["guidance"])
+        swapped += not torch.equal(b["guidance"], a["guidance"])
+    assert 10 <= swapped <= 30
+    with pytest.raises(ValueError, match="swap"):
+        TripleDataset(store, "train", patch=32, swap=1.5)

@@ -40,11 +40,13 @@ class SharedEncoder(nn.Module):
         self.bodies = nn.ModuleList(
             nn.Sequential(*[ResidualBlock(nf * 2 ** l) for _ in range(blocks)]) for l in range(levels + 1))
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """(B,3,H,W) in [0,1], H and W multiples of 2^levels → [(B, nf·2^l, H/2^l, W/2^l) for each level]."""
+    def forward(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """(B,3,H,W) in [0,1], H and W multiples of 2^upto → [(B, nf·2^l, H/2^l, W/2^l) for l = 0…upto]
+        (``upto``: the finest levels only; default every level)."""
         f = self.bodies[0](F.leaky_relu(self.stem(x), 0.1))
         feats = [f]
-        for down, body in zip(self.downs, self.bodies[1:]):
+        upto = len(self.downs) if upto is None else upto
+        for down, body in zip(self.downs[:upto], self.bodies[1:upto + 1]):
             f = body(F.leaky_relu(down(f), 0.1))
             feats.append(f)
         return feats
@@ -133,16 +135,13 @@ class DynamicAggregation(nn.Module):
         with torch.no_grad():
             placed = search.place(x, guidance.to(x.dtype), box, cfg, margin or 2 ** self.levels)
 
-        # 2. shared encoder, one batched call when both have the same frame. In the input's grown frame
-        #    X is encoded with its edge pixels repeated (as G's are) and cropped back
-        xe = F.pad(x, (margin,) * 4, mode="replicate") if margin else x
+        # 2. shared encoder: G's frame at every level (transfer reads them all); X only up to the match
+        #    level (its features serve the match score, nothing else), with a few cells of its edge pixels
+        #    repeated, as G's frame repeats G's, so equal content gives equal features up to X's edge
         g = placed.g
-        if g.shape[-2:] == xe.shape[-2:]:
-            fx, fg = zip(*(f.chunk(2) for f in self.encoder(torch.cat([xe, g]))))
-        else:
-            fx, fg = self.encoder(xe), self.encoder(g)
-        if margin:
-            fx = [crop(f, margin // 2 ** l) for l, f in enumerate(fx)]
+        pad = min(margin, 4 * 2 ** m)
+        fx = self.encoder(F.pad(x, (pad,) * 4, mode="replicate") if pad else x, upto=m)
+        fx, fg = [crop(f, pad // 2 ** l) for l, f in enumerate(fx)], self.encoder(g)
 
         # 3. matching on level m (features: the shared encoder's, or image-derived; see AggregationConfig),
         #    in float32 even under autocast: bf16 cosines are too coarse for an argmax or a sub-cell fit

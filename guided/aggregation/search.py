@@ -129,8 +129,9 @@ def coarse_vote(fx, fg, ok_x, ok_g, vote: int, budget: int = 1 << 22):
     """Dense global template search: for every X cell p, every version v of G and every displacement d
     with p + d inside G_v, the mean over p's ``vote``² neighbourhood (X cells only) of the 3×3-patch
     cosine between X at p' and G_v at p' + d (zero where p' + d leaves G_v; X's patch ends at X's edges,
-    G's norm is its whole patch's). Displacement rows in chunks of about ``budget`` elements, every sample
-    and version at once.
+    G's norm is its whole patch's). An X no larger than the template (a training crop) is its own
+    template: one score per (v, d), and every cell takes the best. Displacement rows in chunks of about
+    ``budget`` elements, every sample and version at once.
     fx (B,C,h,w), fg (B,V,C,hg,wg), ok_x (1,1,h,w) bool, ok_g (B,V,1,hg,wg) bool → best score (B,h,w),
     version (B,h,w) long, displacement (B,2,h,w) long (in cells)."""
     B, V, C, hg, wg = fg.shape
@@ -138,18 +139,22 @@ def coarse_vote(fx, fg, ok_x, ok_g, vote: int, budget: int = 1 << 22):
     Ph, Pw = h - 1, w - 1
     Wp = wg + 2 * Pw
     Dx = wg + w - 1
-    # G padded so that every displacement row is a window of h rows: (B,V,rows,C,Wp,h) views
+    whole = max(h, w) <= vote
+    # G padded so that every displacement row is a window of h rows: (B,V,rows,C,Wp,h) views; G's inverse
+    # patch norms are zero outside G_v, X's outside X's frame, so such terms drop out of every sum
     fgp = F.pad(fg, (Pw, Pw, Ph, Ph)).permute(0, 1, 3, 2, 4).unfold(2, h, 1)
-    ngp = F.pad(patch_norm(fg.flatten(0, 1)).view(B, V, hg, wg), (Pw, Pw, Ph, Ph), value=1.0).unfold(2, h, 1)
-    okp = F.pad(ok_g[:, :, 0].to(fx.dtype), (Pw, Pw, Ph, Ph)).unfold(2, h, 1)  # (B,V,rows,Wp,h)
+    ing = ok_g[:, :, 0].to(fx.dtype) / patch_norm(fg.flatten(0, 1)).view(B, V, hg, wg)
+    ingp = F.pad(ing, (Pw, Pw, Ph, Ph)).unfold(2, h, 1)  # (B,V,rows,Wp,h)
+    okp = F.pad(ok_g[:, :, 0], (Pw, Pw, Ph, Ph)).unfold(2, h, 1)
     xr = fx.permute(0, 2, 3, 1)[:, None, None]  # (B,1,1,h,w,C)
-    nx = patch_norm(fx)[:, None, None]  # (B,1,1,1,h,w)
     xm = ok_x[0].to(fx.dtype)  # (1,h,w)
-    denom = box_sum(xm, vote).clamp_min(1e-6)  # X cells in each vote² window (windows cut at X's frame)
-    whole = vote // 2 >= max(h, w) - 1
+    inx = xm / patch_norm(fx)[:, 0]  # (B,h,w)
+    # X cells in all of X, or in each vote² window (windows cut at X's frame)
+    denom = (xm.sum() if whole else box_sum(xm, vote)).clamp_min(1e-6)
     neg = torch.finfo(fx.dtype).min
-    best = fx.new_full((B, h, w), neg)
-    arg_dy = torch.zeros(B, h, w, dtype=torch.long, device=fx.device)
+    shape = (B,) if whole else (B, h, w)
+    best = fx.new_full(shape, neg)
+    arg_dy = torch.zeros(shape, dtype=torch.long, device=fx.device)
     arg_k = torch.zeros_like(arg_dy)
     rows_per_chunk = max(1, budget // max(1, B * V * h * w * max(Dx, C * Wp // h)))
     for r0 in range(0, hg + h - 1, rows_per_chunk):  # displacement rows dy = r − (h − 1), a chunk at once
@@ -164,17 +169,20 @@ def coarse_vote(fx, fg, ok_x, ok_g, vote: int, budget: int = 1 << 22):
         def cols(t):  # (B,V,K,Wp,h) → (B,V,K,Dx,h,w) view: t[…, x + j, y]
             return t.permute(0, 1, 2, 4, 3).unfold(4, w, 1).permute(0, 1, 2, 4, 3, 5)
 
-        ok = cols(okp[:, :, r0:r1]) > 0
-        cos = box3(dot) / (nx * cols(ngp[:, :, r0:r1]))
-        if whole:  # every window holds all of X (small crops): one sum per displacement
-            votes = ((cos * ok * xm).sum((-2, -1), keepdim=True) / denom).masked_fill(~ok, neg)
+        cos_g = box3(dot) * cols(ingp[:, :, r0:r1])  # the cosine times X's patch norm
+        if whole:
+            votes = torch.einsum("bvkdhw,bhw->bkvd", cos_g, inx).reshape(B, K * V * Dx) / denom
+            val, idx = votes.max(1)
         else:
-            votes = (box_sum(cos * ok * xm, vote) / denom).masked_fill(~ok, neg)
-        val, idx = votes.permute(0, 2, 1, 3, 4, 5).reshape(B, K * V * Dx, h, w).max(1)
+            votes = box_sum(cos_g * inx[:, None, None, None], vote) / denom
+            votes = votes.masked_fill(~cols(okp[:, :, r0:r1]), neg)
+            val, idx = votes.permute(0, 2, 1, 3, 4, 5).reshape(B, K * V * Dx, h, w).max(1)
         upd = val > best
         best = torch.where(upd, val, best)
         arg_dy = torch.where(upd, idx // (V * Dx) + r0 - (h - 1), arg_dy)
         arg_k = torch.where(upd, idx % (V * Dx), arg_k)
+    if whole:
+        best, arg_dy, arg_k = (t.view(B, 1, 1).expand(B, h, w) for t in (best, arg_dy, arg_k))
     return best, arg_k // Dx, torch.stack([arg_dy, arg_k % Dx - (w - 1)], 1)
 
 
