@@ -549,3 +549,28 @@ def test_coarse_vote_whole_window_shortcut_agrees():
             assert fast[0][b, py, px].item() == pytest.approx(max(ref.values()), abs=1e-9)
             assert (int(fast[1][b, py, px]), int(fast[2][b, 0, py, px]), int(fast[2][b, 1, py, px])) == top
     assert (fast[1][1, :, :3] == 1).all() and (fast[2][1, 0, :, :3] == 2).all() and (fast[2][1, 1, :, :3] == 1).all()
+
+
+def test_agreement_channel_tells_shared_content_from_unrelated():
+    """confidence=True: every transferred level carries one more channel, the matches' agreement in
+    [-1, 1]; a content view of the input agrees more than a view of another photograph."""
+    from PIL import Image
+    from skimage import data
+
+    from tdr.guided.synthetic import ViewRanges, content_view
+
+    clean = _photo(192, 256)
+    other = np.array(Image.fromarray(data.astronaut()).resize((256, 192), Image.Resampling.BICUBIC))
+    x = torch.from_numpy(clean.transpose(2, 0, 1)).float()[None] / 255
+    means = {}
+    for name, source in (("same", clean), ("other", other)):
+        guide, _ = content_view(source, np.random.default_rng(2), ViewRanges())
+        g = torch.from_numpy(guide.transpose(2, 0, 1)).float()[None] / 255
+        a = make_agg(levels=4, search="global", transfer="bilinear", confidence=True)
+        with torch.no_grad():
+            out = a.prepare(x, g, (192, 256))
+        for level, f in enumerate(out):
+            assert f.shape == (1, 8 * 2 ** level + 1, 192 // 2 ** level, 256 // 2 ** level)
+            assert f[:, -1].abs().max() <= 1.0
+        means[name] = float(out[2][:, -1].mean())
+    assert means["same"] > means["other"] + 0.1, means

@@ -45,6 +45,7 @@ class AggregationConfig:
     window_scale: float = 1.5  # window diameter 2·⌊(W_g / (2·blocks_x))·scale⌋ + 1
     dilations: tuple[int, ...] = (1, 2, 3)  # dilations of the block descriptor
     match_level: int | None = None  # encoder level matched on; None: 1/4 scale (global, prior), coarsest (masa)
+    confidence: bool = False  # fusion also reads the matches' agreement (fixed image features) as a channel
     alpha_init: float = 0.0  # α of eq. 4 (per channel); 0 leaves a (pretrained) backbone unchanged
     checkpoint_fusion: bool = False  # training: recompute fusion blocks in backward instead of storing
     chunk_elements: int = 1 << 24  # masa: bound on the elements of one similarity chunk (64 MiB in fp32)

@@ -10,12 +10,19 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import FUSE_MODES, AggregationConfig
-from .features import image_features, patch_cosine, subcell
+from .features import box_sum, image_features, patch_cosine, subcell
 from .geometry import Matches, crop, grid, guidance_box, inside_box, sample_coords
 from .search import SEARCHES
 from .transfer import TRANSFERS
 
 BlockFactory = Callable[[int, int], nn.Module]  # (channels, level) -> module mapping (B,c,h,w) to (B,c,h,w)
+
+
+def _at_level(t: torch.Tensor, up: int, size) -> torch.Tensor:
+    """A match-level map (B,1,h,w) at a level ``up`` octaves finer (bilinear) or coarser (mean)."""
+    if up < 0:
+        return F.avg_pool2d(t, 2 ** -up, ceil_mode=True)[..., :size[0], :size[1]]
+    return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False) if up else t
 
 
 class ResidualBlock(nn.Module):
@@ -95,7 +102,8 @@ class DynamicAggregation(nn.Module):
         self.encoder = SharedEncoder(levels, nf, config.encoder_blocks)
         sides = fuse.split("+")
         self.fusions = nn.ModuleDict({
-            name: Fusion(ch, nf * 2 ** lvl, block(ch, lvl), config.alpha_init, config.checkpoint_fusion)
+            name: Fusion(ch, nf * 2 ** lvl + int(config.confidence), block(ch, lvl), config.alpha_init,
+                         config.checkpoint_fusion)
             for name, (lvl, ch) in points.items() if ("dec" if name.startswith("dec") else "enc") in sides})
         self.point_levels = {name: lvl for name, (lvl, _) in points.items()}
         self.last_matches: Matches | None = None
@@ -167,14 +175,32 @@ class DynamicAggregation(nn.Module):
             inside = inside_box(box, (h, w), S)
             score = score * inside.to(score.dtype)
             valid = valid & inside
+        agree = self._agreement(x, g, mx, mg, q, valid) if cfg.confidence else None
         with torch.no_grad():
             g_yx = sample_coords(placed.coords, (p + flow) * S + (S - 1) / 2)
         self.last_matches = Matches(cell.expand(B, -1, -1, -1).float(), g_yx, score.detach(),
                                     valid.expand(B, -1, -1, -1), S)
 
-        # 4. transfer on every level a fusion point needs
+        # 4. transfer on every level a fusion point needs (with the agreement as one more channel)
         needed = {self.point_levels[name] for name in self.fusions}
-        return [transfer.fn(fg[l], flow, score, m - l) if l in needed else None for l in range(self.levels + 1)]
+        out = [transfer.fn(fg[l], flow, score, m - l) if l in needed else None for l in range(self.levels + 1)]
+        if agree is not None:
+            out = [f if f is None else torch.cat([f, _at_level(agree, m - l, f.shape[-2:])], 1) for l, f in enumerate(out)]
+        return out
+
+    @torch.no_grad()
+    def _agreement(self, x, g, mx, mg, q, valid) -> torch.Tensor:
+        """(B,1,h,w) in [-1,1]: how well G at the matches agrees with X around each position — the mean
+        over the ``vote``² neighbourhood (input positions only) of the 3×3-patch cosine of the fixed image
+        features at each match. Content the guidance shares scores high over a whole neighbourhood; a
+        best match in unrelated content only here and there. A confidence the fusion reads from the first
+        step, where the learned score must first be learned."""
+        cfg, m = self.config, self.match_level
+        if cfg.match_features != "image":
+            mx, mg = image_features(x.float(), m), image_features(g.float(), m)
+        ok = valid.to(mx.dtype).expand(q.shape[0], 1, -1, -1)
+        c = patch_cosine(mx, mg, q) * ok
+        return box_sum(c, cfg.vote) / box_sum(ok, cfg.vote).clamp_min(1.0)
 
     def fuse(self, name: str, feat: torch.Tensor, aligned: list[torch.Tensor | None]) -> torch.Tensor:
         """Apply fusion point ``name`` to the backbone feature ``feat``; identity if it has none."""
