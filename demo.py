@@ -1,4 +1,4 @@
-"""``tdr demo``: the whole flow on the built-in demo dataset, on a CPU (10–15 minutes on 2 cores).
+"""``tdr demo``: the whole flow on the built-in demo dataset, on a CPU (under 5 minutes on 2 cores).
 
 1. build the demo dataset and ingest it into a guidance store;
 2. train the two textual stages (mapper, cleaner) for a few steps with *tiny random* models;
@@ -34,10 +34,10 @@ RUNS = {"baseline": "baseline", "unguided": "unguided", "guided": "guided: conte
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Budgets of the demo (defaults: 10–15 minutes on 2 CPU cores, BENCHMARKS.md)."""
+    """Budgets of the demo (defaults: under 5 minutes on 2 CPU cores beside a busy process, BENCHMARKS.md)."""
 
-    base_iters: int = 300  # unguided baseline from scratch
-    iters: int = 500  # each continuation (unguided / content views / aligned-content)
+    base_iters: int = 200  # unguided baseline from scratch
+    iters: int = 200  # each continuation (unguided / content views / aligned-content)
     patch: int = 64
     batch_size: int = 4
     lr: float = 1e-3

@@ -125,7 +125,8 @@ class DynamicAggregation(nn.Module):
         size before padding. guidance: (B,3,Hg,Wg) in [0,1], any size. box: (B,4) (top, left, height,
         width) in input pixels that the guidance is about (its scale; for the prior search its place);
         default from ``config.layout`` (input = frame).
-        Returns [(B, nf·2^l, Hp/2^l, Wp/2^l) or None where no fusion point needs level l].
+        Returns [(B, nf·2^l, Hp/2^l, Wp/2^l) or None where no fusion point needs level l]; with
+        ``config.confidence`` one more channel, the matches' agreement (:meth:`_agreement`).
         """
         cfg, m = self.config, self.match_level
         search, transfer = SEARCHES[cfg.search], TRANSFERS[cfg.transfer]
