@@ -36,6 +36,7 @@ import torch
 
 from tdr.cache import open_store
 from tdr.cache.ingest import ingest
+from tdr.guided.aggregation import guidance_box
 from tdr.guided.backbones import build_backbone, load_backbone_checkpoint
 from tdr.guided.checkpoint import build_model, load_file
 from tdr.guided.config import EvalConfig, TrainConfig, resolve_search
@@ -68,16 +69,18 @@ def match_accuracy(model, url: str, group: str, truth: dict, limit: int, toleran
 
 
 def step_seconds(backbone: str, patch: int, batch: int, guided: bool, steps: int = 4) -> float:
-    """Seconds per training step (forward, L1 backward, AdamW) on random crops with 512² guidance
-    (default aggregation: the global search), median of ``steps`` after one warm-up step."""
+    """Seconds per training step (forward, L1 backward, AdamW) on ``patch``² crops of a frame twice their
+    side with its 512² "center" guidance, as training sees them (default aggregation: the global
+    search), median of ``steps`` after one warm-up step."""
     torch.manual_seed(0)
     model = build_backbone(backbone, guided=guided).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, gt, g = torch.rand(batch, 3, patch, patch), torch.rand(batch, 3, patch, patch), torch.rand(batch, 3, 512, 512)
+    box = guidance_box("center", (2 * patch, 5 * patch // 2), crop_yx=(patch // 2, patch // 2), batch=batch)
     times = []
     for _ in range(steps + 1):
         t = time.perf_counter()
-        out = model(x, g) if guided else model(x)
+        out = model(x, g, box=box) if guided else model(x)
         (out - gt).abs().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -159,7 +162,7 @@ def main() -> None:
             matches[kind]["end"] = match_accuracy(trained, url, groups[kind], truth[kind], args.eval_images)
             print(f"matches after training, {kind}: {matches[kind]['end']}", flush=True)
     speed = {patch: {mode: step_seconds(args.backbone, patch, args.batch_size, mode == "guided")
-                     for mode in ("plain", "guided")} for patch in (128, 256)}
+                     for mode in ("plain", "guided")} for patch in (args.patch, 128, 256)}
     print("seconds per step:", speed, flush=True)
     (work / "results.json").write_text(json.dumps({"results": results, "matches": matches, "alphas": alphas,
                                                    "speed": speed}, indent=1))
@@ -208,7 +211,7 @@ input pixels at the content's scale, first {args.eval_images} full test images):
 the transfer learn. Mean |α| after training: {', '.join(f'{STAND_INS[k]} {v:.4f}' for k, v in alphas.items())}.
 
 Seconds per training step (batch {args.batch_size}, forward + L1 backward + AdamW, random crops with 512²
-guidance, default aggregation, same run):
+guidance of a frame twice the crop's side, default aggregation, same run; the first row is the ladder's crop):
 
 | crop | plain | guided | guided / plain |
 |---|---|---|---|
