@@ -111,6 +111,8 @@ class TrainConfig:
         for name in ("workers", "val_every", "val_crop", "val_images", "save_every", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if not 0.0 <= self.swap <= 1.0:
+            raise ConfigError(f"swap must be a share between 0 and 1, got {self.swap}.")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ConfigError(f"ema must be a decay between 0 and 1 (e.g. 0.999), got {self.ema}.")
 
