@@ -47,7 +47,7 @@ from ..runs.launch import Launch, launch
 from .attention import install_mapper_kv
 from .clip import encode_image, preprocess
 from .injection import encode_injected
-from .models import CLIP_MODEL, SCHEMA, SD_MODEL, GuidanceModels, load_components
+from .models import CLIP_MODEL, SD_MODEL, GuidanceModels, load_components, module_checkpoint
 from .pretrained import save_pretrained
 from .sampler import latent_scale, make_scheduler
 from .textual_data import Item, apply_crop, cleaner_items, mapper_items, parse_source, sample, sample_seed, to_float
@@ -185,14 +185,8 @@ def save_training_checkpoint(module: nn.Module, path: Path, *, stage: str, step:
                              optimizer: torch.optim.Optimizer, scaler, losses: list[float]) -> None:
     """The schema-1 mapper/cleaner checkpoint of :mod:`tdr.pipeline.models` plus a ``train`` entry, written
     atomically (a killed run never leaves a half-written ``last.pt``)."""
-    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
-             for k, v in module.state_dict().items()}
     payload = {
-        "schema": SCHEMA,
-        "kind": stage,
-        "config": module.config.to_dict(),
-        "state_dict": state,
-        "meta": {"stage": stage, "step": step, "training": config.to_dict()},
+        **module_checkpoint(module, meta={"stage": stage, "step": step, "training": config.to_dict()}),
         "train": {
             "step": step,
             "config": config.to_dict(),
