@@ -505,14 +505,14 @@ def _textual_command(stage: str, summary: str, example: str, pairs_help: str):
         lr: Optional[float] = typer.Option(None, "--lr", help="Absolute learning rate (default: --base-lr x total batch)."),
         base_lr: Optional[float] = typer.Option(None, "--base-lr", help="Learning rate per image of the total batch (paper: 1e-6)."),
         size: Optional[int] = typer.Option(None, "--size", min=8, help="Training crop side (SD-2.1-base: 512)."),
-        split: Optional[str] = typer.Option(None, "--split", help="Dataset split to train on (default: train)."),
+        split: Optional[str] = typer.Option(None, "--split", help="Dataset split to train on."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the sample sequence (crops, noise, timesteps)."),
         precision: Optional[str] = typer.Option(None, "--precision", help="auto (fp16 autocast on GPU), fp16, bf16 or fp32."),
         grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute UNet activations in backward (less memory, slower)."),
-        save_every: Optional[int] = typer.Option(None, "--save-every", min=0, help="Write step_N.pt every N steps (default 5000; 0: last.pt only)."),
-        val_every: Optional[int] = typer.Option(None, "--val-every", min=0, help="Write a validation grid every N steps (default 1000; 0: never)."),
-        val_steps: Optional[int] = typer.Option(None, "--val-steps", min=1, help="DDIM steps of the validation guidance (default 20)."),
-        workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Image loading threads (default 2)."),
+        save_every: Optional[int] = typer.Option(None, "--save-every", min=0, help="Write step_N.pt every N steps (0: last.pt only)."),
+        val_every: Optional[int] = typer.Option(None, "--val-every", min=0, help="Write a validation grid every N steps (0: never)."),
+        val_steps: Optional[int] = typer.Option(None, "--val-steps", min=1, help="DDIM steps of the validation guidance."),
+        workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Image loading threads."),
         device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available; torchrun: one GPU per process)."),
         sd_model: Optional[str] = typer.Option(None, "--sd-model", help="Hub id or local folder (diffusers layout)."),
         clip_model: Optional[str] = typer.Option(None, "--clip-model", help="Hub id or local folder."),
@@ -532,7 +532,8 @@ def _textual_command(stage: str, summary: str, example: str, pairs_help: str):
             given.update(noise_data=noise_data, mapper=mapper)
         _run_textual(stage, given, config_file)
 
-    command.__doc__ = f"{summary}\n\n    Example: {example}\n    "
+    command.__doc__ = (f"{summary}\n\n    Options not given keep the resumed run's settings, else TextualConfig's "
+                       f"defaults (tdr.pipeline.textual).\n\n    Example: {example}\n    ")
     return user_errors(command, interrupted=RESUMABLE)
 
 
@@ -694,15 +695,15 @@ def train_cmd(
     store: Optional[str] = typer.Option(None, "--store", help="Store with the training (and test) split."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (config.json, last.pt)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Check that the store holds this dataset."),
-    guidance: Optional[str] = typer.Option(None, "--guidance", help="cache (default), none (plain backbone) or degraded."),
+    guidance: Optional[str] = typer.Option(None, "--guidance", help="cache, none (plain backbone) or degraded."),
     group: Optional[str] = typer.Option(None, "--group", help="Guidance group id in the store (default: the store's default)."),
-    fuse: Optional[str] = typer.Option(None, "--fuse", help="Where guidance is fused: enc, dec or enc+dec (default)."),
-    search: Optional[str] = typer.Option(None, "--search", help="Matching: auto (default: prior for guidance imported --aligned, else global), global (content anywhere in G, several scales, mirrored), prior (around the layout's place; aligned guidance only), masa (the paper's search)."),
-    match: Optional[str] = typer.Option(None, "--match", help="Features matched: image (default) or encoder (paper: learned)."),
-    transfer: Optional[str] = typer.Option(None, "--transfer", help="Feature transfer: bilinear (sub-cell, default) or patch (paper)."),
-    iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations (default 1000)."),
-    patch: Optional[int] = typer.Option(None, "--patch", help="Training crop side in pixels (default 128)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process (default 4)."),
+    fuse: Optional[str] = typer.Option(None, "--fuse", help="Where guidance is fused: enc, dec or enc+dec."),
+    search: Optional[str] = typer.Option(None, "--search", help="Matching: auto (prior for guidance imported --aligned, else global), global (content anywhere in G, several scales, mirrored), prior (around the layout's place; aligned guidance only), masa (the paper's search)."),
+    match: Optional[str] = typer.Option(None, "--match", help="Features matched: image or encoder (paper: learned)."),
+    transfer: Optional[str] = typer.Option(None, "--transfer", help="Feature transfer: bilinear (sub-cell) or patch (paper)."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations."),
+    patch: Optional[int] = typer.Option(None, "--patch", help="Training crop side in pixels."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Backbone learning rate (default: the paper's for the backbone)."),
     agg_lr: Optional[float] = typer.Option(None, "--agg-lr", help="Aggregation learning rate (default: about half of --lr)."),
     alpha_lr: Optional[float] = typer.Option(None, "--alpha-lr", help="Learning rate of the fusion gates α (default: --agg-lr)."),
@@ -710,12 +711,14 @@ def train_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the model init and the crop sequence."),
     init: Optional[str] = typer.Option(None, "--init", help="Official or tdr checkpoint for the backbone (aggregation starts fresh)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where last.pt left it."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading worker processes (default 0)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading worker processes."),
     val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate on the test split every N iterations (0: never)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings (flat or under [train]; aggregation settings under [train.aggregation])."),
 ) -> None:
     """Train a restorer (guided by the store's guidance, or plain) with L1, AdamW and a cosine schedule.
+
+    Options not given keep the resumed run's settings, else TrainConfig's defaults (tdr.guided.config).
 
     Example: tdr train --backbone nafnet-w32 --store gopro.zarr --iters 30000 --out runs/gopro-guided
     """

@@ -42,7 +42,7 @@ def resolve_search(search: str, provenance: str | None, group: str | None = None
         where = f"guidance group {group}" if group else "this guidance"
         raise ConfigError(f"search 'prior' looks only where the layout box puts the content, which holds only for "
                           f"guidance whose geometry follows the input (provenance 'aligned'); {where} is "
-                          f"'{provenance}': use search 'auto' or 'global', or re-import it with --aligned if it is "
+                          f"'{provenance}': use search 'auto' or 'global', or re-import it with aligned=True if it is "
                           "registered to the input.")
     return search
 

@@ -88,7 +88,7 @@ def test_auto_picks_global_unless_aligned(provenance, expected):
 
 @pytest.mark.parametrize("provenance", ["generated", "unknown"])
 def test_prior_on_guidance_that_is_not_aligned_is_refused(provenance):
-    with pytest.raises(ConfigError, match=f"'{provenance}'.*--aligned"):
+    with pytest.raises(ConfigError, match=f"'{provenance}'.*aligned=True"):
         resolve_search("prior", provenance, "abc123")
     assert resolve_search("prior", "aligned") == "prior"
 
