@@ -730,7 +730,7 @@ def train_cmd(
                                group=group, aggregation=aggregation, iters=iters, patch=patch, batch_size=batch_size,
                                lr=lr, agg_lr=agg_lr, alpha_lr=alpha_lr, ema=ema, seed=seed, init=init,
                                resume=resume or None, workers=workers, val_every=val_every, device=device),
-                          config_file=config_file).require()
+                          config_file=config_file)
     with progress_bar("train") as update:
         report = _loss_progress(update, "train", total="iters", val_event="val",
                                 val_text=lambda e: f"val {e['psnr']:.2f} dB", start_text=lambda e: f"({e['device']})")

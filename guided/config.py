@@ -165,6 +165,8 @@ def search_choice(layer: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if isinstance(agg, Mapping) and agg.get("search") is not None:
         agg = dict(agg)
         search = agg.pop("search")
+        if search not in SEARCH_CHOICES:
+            raise ConfigError(f"aggregation.search must be one of {', '.join(SEARCH_CHOICES)}, not {search!r}.")
         if search != AUTO:
             agg["search"] = search
         if data.get("auto_search") is None:

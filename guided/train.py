@@ -29,7 +29,7 @@ from ..cache.errors import DataIntegrityError, StoreError, TdrError
 from ..cache.ingest import min_side
 from ..runs.checkpoint import load, rng_state, save, set_rng_state
 from ..runs.config import ConfigError, check_resume, from_dict
-from ..runs.launch import launch
+from ..runs.launch import Launch, launch
 from .aggregation import guidance_box
 from .backbones import backbone_factory, build_backbone
 from .backbones.common import load_backbone_checkpoint
@@ -141,7 +141,8 @@ def validate(model, store, config: TrainConfig, source: GuidanceSource, rows: li
     return {**avg.mean(), "n": len(avg)}
 
 
-def train(config: TrainConfig, progress: Progress | None = None, *, model: torch.nn.Module | None = None) -> TrainResult:
+def train(config: TrainConfig, progress: Progress | None = None, *,
+          model: torch.nn.Module | None = None) -> TrainResult:
     """Train on ``config.store`` (see the module docstring) and return a TrainResult.
 
     ``model``: a backbone built in Python (``build_backbone(name, guided=…, aggregation=…)``) to train
@@ -156,7 +157,8 @@ def train(config: TrainConfig, progress: Progress | None = None, *, model: torch
         return _train(config, progress, model, proc, t_start)
 
 
-def _train(config: TrainConfig, progress: Progress | None, model: torch.nn.Module | None, proc, t_start: float) -> TrainResult:
+def _train(config: TrainConfig, progress: Progress | None, model: torch.nn.Module | None, proc: Launch,
+           t_start: float) -> TrainResult:
     # 1. processes and device
     rank, world, device, main = proc.rank, proc.world, proc.device, proc.main
     emit = progress if (progress and main) else (lambda event: None)

@@ -23,7 +23,7 @@ from tdr.cache.transfer import import_guidance
 from tdr.guided.backbones import build_backbone, load_backbone_checkpoint
 from tdr.runs.checkpoint import load as load_file
 from tdr.guided.config import ConfigError, TrainConfig
-from tdr.runs.config import from_dict as from_mapping, load_toml, section
+from tdr.runs.config import from_dict, load_toml, section
 from tdr.guided.evaluate import load_run
 from tdr.guided.train import train
 
@@ -206,12 +206,12 @@ sys.exit(1 if bad else 0)
 def test_config_file_and_unknown_keys(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[train]\nbackbone = "nafnet-test"\niters = 7\nbetas = [0.9, 0.99]\n')
-    config = from_mapping(TrainConfig, section(load_toml(path), "train"))
+    config = from_dict(TrainConfig, section(load_toml(path), "train"))
     assert config.iters == 7 and config.betas == (0.9, 0.99)
     with pytest.raises(ConfigError, match="unknown key"):
-        from_mapping(TrainConfig, {"iter": 3})
+        from_dict(TrainConfig, {"iter": 3})
     with pytest.raises(ConfigError, match="integer"):
-        from_mapping(TrainConfig, {"iters": "3"})
+        from_dict(TrainConfig, {"iters": "3"})
     assert replace(config, lr=2e-3).lrs == (2e-3, 1e-3)
 
 
