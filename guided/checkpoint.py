@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..cache.errors import TdrError
 from ..runs.checkpoint import Migrations, load
 
 SCHEMA = 3
@@ -52,4 +53,9 @@ def run_config(ckpt: Mapping[str, Any], source: str = "") -> dict[str, Any]:
 def saved_config(path: str | Path) -> dict[str, Any] | None:
     """The config of the run checkpoint ``path`` in today's terms, or None when there is no such file."""
     path = Path(path)
-    return run_config(load(path), str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    ckpt = load(path)
+    if not is_run_checkpoint(ckpt):
+        raise TdrError(f"{path} is not a tdr training checkpoint; resume the run from its own folder (out).")
+    return run_config(ckpt, str(path))

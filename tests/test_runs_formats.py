@@ -166,3 +166,10 @@ def test_corrupt_checkpoint_is_one_line(tmp_path):
     with pytest.raises(Exception, match="Cannot read checkpoint") as info:
         load(bad)
     assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
+
+
+def test_resuming_a_folder_holding_another_kind_of_checkpoint_is_one_line(tmp_path):
+    shutil.copy(FIXTURES / "mapper" / "last.pt", tmp_path / "last.pt")
+    with pytest.raises(Exception, match="not a tdr training checkpoint") as info:
+        train_config({"resume": True, "out": str(tmp_path)})
+    assert "\n" not in str(info.value)
