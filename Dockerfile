@@ -22,6 +22,7 @@ COPY __init__.py cli.py ./
 COPY cache ./cache
 COPY pipeline ./pipeline
 COPY guided ./guided
+COPY runs ./runs
 
 # CUDA build of torch from the PyTorch index, then tdr with the GPU and remote-store extras.
 RUN pip install --index-url https://download.pytorch.org/whl/cu128 torch \

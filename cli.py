@@ -468,23 +468,11 @@ def _loss_progress(update: Callable[..., None], label: str, *, total: str, val_e
 
 
 # ------------------------------------------------------------------------------ train-mapper / train-cleaner
-def _textual_options(**given) -> dict:
-    """CLI values -> TextualConfig fields (None: not given, so a resumed run keeps its saved setting)."""
-    given["data"] = tuple(given.get("data") or ()) or None
-    given["noise_data"] = tuple(given.get("noise_data") or ()) or None
-    given["resume"] = given.get("resume") or None
-    return given
-
-
-def _run_textual(stage: str, given: dict) -> None:
+def _run_textual(stage: str, given: dict, config_file: Optional[Path]) -> None:
     """Shared body of train-mapper / train-cleaner: config, progress bar, summary table."""
     from .pipeline.textual import merged_config, train_cleaner, train_mapper
 
-    if given.get("precision") is not None and given["precision"] not in ("auto", "fp16", "bf16", "fp32"):
-        raise typer.BadParameter("must be auto, fp16, bf16 or fp32", param_hint="--precision")
-    if given.get("preset") is not None and given["preset"] not in ("full", "tiny"):
-        raise typer.BadParameter("must be 'full' or 'tiny'", param_hint="--preset")
-    config = merged_config(given)
+    config = merged_config(given, config_file=config_file)
     _quiet_model_libraries()
     train = train_mapper if stage == "mapper" else train_cleaner
     with progress_bar(f"train-{stage}") as update:
@@ -517,20 +505,21 @@ def _textual_command(stage: str, summary: str, example: str, pairs_help: str):
         lr: Optional[float] = typer.Option(None, "--lr", help="Absolute learning rate (default: --base-lr x total batch)."),
         base_lr: Optional[float] = typer.Option(None, "--base-lr", help="Learning rate per image of the total batch (paper: 1e-6)."),
         size: Optional[int] = typer.Option(None, "--size", min=8, help="Training crop side (SD-2.1-base: 512)."),
-        split: Optional[str] = typer.Option(None, "--split", help="Dataset split to train on (default: train)."),
+        split: Optional[str] = typer.Option(None, "--split", help="Dataset split to train on."),
         seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the sample sequence (crops, noise, timesteps)."),
         precision: Optional[str] = typer.Option(None, "--precision", help="auto (fp16 autocast on GPU), fp16, bf16 or fp32."),
         grad_checkpointing: Optional[bool] = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing", help="Recompute UNet activations in backward (less memory, slower)."),
-        save_every: Optional[int] = typer.Option(None, "--save-every", min=0, help="Write step_N.pt every N steps (default 5000; 0: last.pt only)."),
-        val_every: Optional[int] = typer.Option(None, "--val-every", min=0, help="Write a validation grid every N steps (default 1000; 0: never)."),
-        val_steps: Optional[int] = typer.Option(None, "--val-steps", min=1, help="DDIM steps of the validation guidance (default 20)."),
-        workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Image loading threads (default 2)."),
+        save_every: Optional[int] = typer.Option(None, "--save-every", min=0, help="Write step_N.pt every N steps (0: last.pt only)."),
+        val_every: Optional[int] = typer.Option(None, "--val-every", min=0, help="Write a validation grid every N steps (0: never)."),
+        val_steps: Optional[int] = typer.Option(None, "--val-steps", min=1, help="DDIM steps of the validation guidance."),
+        workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Image loading threads."),
         device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available; torchrun: one GPU per process)."),
         sd_model: Optional[str] = typer.Option(None, "--sd-model", help="Hub id or local folder (diffusers layout)."),
         clip_model: Optional[str] = typer.Option(None, "--clip-model", help="Hub id or local folder."),
         preset: Optional[str] = typer.Option(None, "--preset", help="full: real models; tiny: tiny random models (tests, demo)."),
         dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="Shorthand for --data NAME (e.g. --dataset demo)."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where last.pt left it."),
+        config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings (flat or under [train])."),
     ) -> None:
         if stage == "mapper" and (mapper or noise_data):
             raise typer.BadParameter("only for train-cleaner", param_hint="--mapper/--noise-data")
@@ -538,12 +527,13 @@ def _textual_command(stage: str, summary: str, example: str, pairs_help: str):
                      batch_size=batch_size, accum=accum, lr=lr, base_lr=base_lr, size=size, split=split, seed=seed,
                      precision=precision, grad_checkpointing=grad_checkpointing, save_every=save_every,
                      val_every=val_every, val_steps=val_steps, workers=workers, device=device, sd_model=sd_model,
-                     clip_model=clip_model, preset=preset, resume=resume)
+                     clip_model=clip_model, preset=preset, resume=resume or None)
         if stage == "cleaner":
             given.update(noise_data=noise_data, mapper=mapper)
-        _run_textual(stage, _textual_options(**given))
+        _run_textual(stage, given, config_file)
 
-    command.__doc__ = f"{summary}\n\n    Example: {example}\n    "
+    command.__doc__ = (f"{summary}\n\n    Options not given keep the resumed run's settings, else TextualConfig's "
+                       f"defaults (tdr.pipeline.textual).\n\n    Example: {example}\n    ")
     return user_errors(command, interrupted=RESUMABLE)
 
 
@@ -698,19 +688,6 @@ def generate_guidance(
 
 
 # ------------------------------------------------------------------------------------------- train / eval
-def _train_layers(config_file: Optional[Path], resume: bool, out_dir: Optional[str], cli: dict) -> list[dict]:
-    """Config layers, lowest first: the run's saved config (--resume), the TOML file, the command line."""
-    from .guided.config import load_toml, section
-
-    layers: list[dict] = []
-    if resume and out_dir and (Path(out_dir) / "config.json").is_file():
-        layers.append(json.loads((Path(out_dir) / "config.json").read_text()))
-    if config_file is not None:
-        layers.append(section(load_toml(config_file), "train"))
-    layers.append(cli)
-    return layers
-
-
 @app.command("train")
 @user_errors(interrupted=RESUMABLE)
 def train_cmd(
@@ -718,15 +695,15 @@ def train_cmd(
     store: Optional[str] = typer.Option(None, "--store", help="Store with the training (and test) split."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="Run folder (config.json, last.pt)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Check that the store holds this dataset."),
-    guidance: Optional[str] = typer.Option(None, "--guidance", help="cache (default), none (plain backbone) or degraded."),
+    guidance: Optional[str] = typer.Option(None, "--guidance", help="cache, none (plain backbone) or degraded."),
     group: Optional[str] = typer.Option(None, "--group", help="Guidance group id in the store (default: the store's default)."),
-    fuse: Optional[str] = typer.Option(None, "--fuse", help="Where guidance is fused: enc, dec or enc+dec (default)."),
-    search: Optional[str] = typer.Option(None, "--search", help="Matching: auto (default: prior for guidance imported --aligned, else global), global (content anywhere in G, several scales, mirrored), prior (around the layout's place; aligned guidance only), masa (the paper's search)."),
-    match: Optional[str] = typer.Option(None, "--match", help="Features matched: image (default) or encoder (paper: learned)."),
-    transfer: Optional[str] = typer.Option(None, "--transfer", help="Feature transfer: bilinear (sub-cell, default) or patch (paper)."),
-    iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations (default 1000)."),
-    patch: Optional[int] = typer.Option(None, "--patch", help="Training crop side in pixels (default 128)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process (default 4)."),
+    fuse: Optional[str] = typer.Option(None, "--fuse", help="Where guidance is fused: enc, dec or enc+dec."),
+    search: Optional[str] = typer.Option(None, "--search", help="Matching: auto (prior for guidance imported --aligned, else global), global (content anywhere in G, several scales, mirrored), prior (around the layout's place; aligned guidance only), masa (the paper's search)."),
+    match: Optional[str] = typer.Option(None, "--match", help="Features matched: image or encoder (paper: learned)."),
+    transfer: Optional[str] = typer.Option(None, "--transfer", help="Feature transfer: bilinear (sub-cell) or patch (paper)."),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations."),
+    patch: Optional[int] = typer.Option(None, "--patch", help="Training crop side in pixels."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Backbone learning rate (default: the paper's for the backbone)."),
     agg_lr: Optional[float] = typer.Option(None, "--agg-lr", help="Aggregation learning rate (default: about half of --lr)."),
     alpha_lr: Optional[float] = typer.Option(None, "--alpha-lr", help="Learning rate of the fusion gates α (default: --agg-lr)."),
@@ -734,27 +711,26 @@ def train_cmd(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the model init and the crop sequence."),
     init: Optional[str] = typer.Option(None, "--init", help="Official or tdr checkpoint for the backbone (aggregation starts fresh)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where last.pt left it."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading worker processes (default 0)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading worker processes."),
     val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate on the test split every N iterations (0: never)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings (flat or under [train])."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these settings (flat or under [train]; aggregation settings under [train.aggregation])."),
 ) -> None:
     """Train a restorer (guided by the store's guidance, or plain) with L1, AdamW and a cosine schedule.
 
+    Options not given keep the resumed run's settings, else TrainConfig's defaults (tdr.guided.config).
+
     Example: tdr train --backbone nafnet-w32 --store gopro.zarr --iters 30000 --out runs/gopro-guided
     """
-    from .guided.config import TrainConfig, merge
-
-    cli = dict(backbone=backbone, store=store, out=out_dir, dataset=dataset, guidance=guidance, group=group,
-               fuse=fuse, search=search, match=match, transfer=transfer, iters=iters, patch=patch,
-               batch_size=batch_size, lr=lr, agg_lr=agg_lr, alpha_lr=alpha_lr, ema=ema,
-               seed=seed, init=init, resume=resume or None, workers=workers, val_every=val_every, device=device)
-    config = merge(TrainConfig, *_train_layers(config_file, resume, out_dir, cli), source="train config").require()
-    from .guided.backbones import BACKBONES
+    from .guided.config import train_config
     from .guided.train import train
 
-    if config.backbone not in BACKBONES:
-        raise TdrError(f"Unknown backbone '{config.backbone}'; choose one of: {', '.join(BACKBONES)}.")
+    aggregation = dict(fuse=fuse, search=search, match_features=match, transfer=transfer)
+    config = train_config(dict(backbone=backbone, store=store, out=out_dir, dataset=dataset, guidance=guidance,
+                               group=group, aggregation=aggregation, iters=iters, patch=patch, batch_size=batch_size,
+                               lr=lr, agg_lr=agg_lr, alpha_lr=alpha_lr, ema=ema, seed=seed, init=init,
+                               resume=resume or None, workers=workers, val_every=val_every, device=device),
+                          config_file=config_file)
     with progress_bar("train") as update:
         report = _loss_progress(update, "train", total="iters", val_event="val",
                                 val_text=lambda e: f"val {e['psnr']:.2f} dB", start_text=lambda e: f"({e['device']})")

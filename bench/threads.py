@@ -28,9 +28,9 @@ if threads < 0:  # the policy `tdr` applies at its entry point, before torch loa
 import torch
 if threads > 0:
     torch.set_num_threads(threads)
-from tdr.guided.checkpoint import build_model
+from tdr.guided.backbones import build_backbone
 torch.manual_seed(0)
-model = build_model("nafnet-small", guided=False)
+model = build_backbone("nafnet-small", guided=False)
 opt = torch.optim.AdamW(model.parameters(), 1e-3)
 x, y = torch.rand(4, 3, 64, 64), torch.rand(4, 3, 64, 64)
 def step():

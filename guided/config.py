@@ -1,24 +1,24 @@
 """Training and evaluation settings as frozen dataclasses; an optional TOML file loads into them.
 
-Precedence when the CLI builds a config: dataclass defaults < the run's saved config (``--resume``) < the
-``--config`` TOML file < options given on the command line. Unknown keys are an error, so a typo in a
-config file never silently does nothing. The merged config is saved as ``RUN_DIR/config.json`` and
-inside every checkpoint.
+:func:`train_config` layers them: dataclass defaults < the run's saved config (``resume``) < the TOML file's
+``[train]`` table (``[train.aggregation]`` for the nested :class:`AggregationConfig`) < settings given
+explicitly. Unknown keys are an error, so a typo in a config file never silently does nothing. The merged
+config is saved as ``RUN_DIR/config.json`` and inside every checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from ..cache.errors import TdrError
-from .aggregation.config import FUSE_MODES, MATCH_FEATURES, SEARCHES, TRANSFERS
+from ..runs.config import ConfigError, from_dict, load_toml, merge, section, to_dict
+from .aggregation.config import SEARCHES, AggregationConfig
 
 GUIDANCE_MODES = ("cache", "none", "degraded")
-SEARCH_CHOICES = ("auto",) + SEARCHES  # auto: "prior" for aligned guidance, else "global"
+AUTO = "auto"  # a search chosen from the guidance's provenance: "prior" for aligned guidance, else "global"
+SEARCH_CHOICES = (AUTO,) + SEARCHES
 
 # (backbone lr, aggregation lr) of the paper's supplement (SPEC §6), by backbone family (name prefix)
 PAPER_LR = {
@@ -31,22 +31,18 @@ PAPER_LR = {
 TEST_LR = (1e-3, 5e-4)  # tiny ``-test`` backbones: learn something in a handful of steps
 
 
-class ConfigError(TdrError, ValueError):
-    """A config file or option that is unknown, of the wrong type or out of range."""
-
-
 def resolve_search(search: str, provenance: str | None, group: str | None = None) -> str:
     """The search a run uses, from its ``search`` setting and the guidance's provenance ("generated",
     "aligned", "unknown"; None: no guidance). "auto" is "prior" for aligned guidance (its geometry follows
     the input) and "global" otherwise; "prior" on guidance that is not aligned is refused, since generated
     guidance shares content, not pixel geometry, with its input (SPEC §7)."""
-    if search == "auto":
+    if search == AUTO:
         return "prior" if provenance == "aligned" else "global"
     if search == "prior" and provenance not in ("aligned", None):
         where = f"guidance group {group}" if group else "this guidance"
         raise ConfigError(f"search 'prior' looks only where the layout box puts the content, which holds only for "
                           f"guidance whose geometry follows the input (provenance 'aligned'); {where} is "
-                          f"'{provenance}': use search 'auto' or 'global', or re-import it with --aligned if it is "
+                          f"'{provenance}': use search 'auto' or 'global', or re-import it with aligned=True if it is "
                           "registered to the input.")
     return search
 
@@ -69,10 +65,10 @@ class TrainConfig:
     dataset: str | None = None  # if set, the store must hold this dataset
     guidance: str = "cache"  # "cache" (generated/imported guidance), "none" (plain backbone), "degraded"
     group: str | None = None  # guidance group id in the store (default: the store's default group)
-    fuse: str = "enc+dec"  # where guidance is fused (paper Table 10)
-    search: str = "auto"  # matching: auto (prior if the guidance is aligned, else global), global, prior, masa
-    match: str = "image"  # features matched: "image" (fixed, degradation-robust) or "encoder" (paper: learned)
-    transfer: str = "bilinear"  # "bilinear" (sub-cell displacement) or "patch" (paper: whole-cell patches)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)  # of the guided model; its
+    #   layout always follows the store's guidance
+    auto_search: bool = True  # choose aggregation.search from the guidance's provenance (resolve_search);
+    #   false: aggregation.search as given. In a config mapping, aggregation.search "auto" sets it
     swap: float = 0.0  # share of training crops given another image's guidance (see TripleDataset.guidance_image)
     iters: int = 1000
     patch: int = 128  # training crop side
@@ -100,11 +96,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:
             raise ConfigError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, not '{self.guidance}'.")
-        if self.fuse not in FUSE_MODES:
-            raise ConfigError(f"fuse must be one of {', '.join(FUSE_MODES)}, not '{self.fuse}'.")
-        for name, choices in (("search", SEARCH_CHOICES), ("match", MATCH_FEATURES), ("transfer", TRANSFERS)):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{name} must be one of {', '.join(choices)}, not '{getattr(self, name)}'.")
         for name in ("iters", "patch", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -125,13 +116,13 @@ class TrainConfig:
 
     def require(self) -> "TrainConfig":
         """Check that the fields without a usable default were given."""
-        missing = [f"--{n}" for n in ("backbone", "store", "out") if not getattr(self, n)]
+        missing = [n for n in ("backbone", "store", "out") if not getattr(self, n)]
         if missing:
-            raise ConfigError(f"missing {', '.join(missing)} (give it on the command line or in --config).")
+            raise ConfigError(f"missing setting(s) {', '.join(missing)}: give them explicitly or in the config file.")
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
+        return to_dict(self)
 
 
 @dataclass(frozen=True)
@@ -161,86 +152,39 @@ class EvalConfig:
             raise ConfigError(f"overlap ({self.overlap}) must be smaller than tile ({self.tile}).")
 
     def to_dict(self) -> dict[str, Any]:
-        return to_plain(self)
+        return to_dict(self)
 
 
-def to_plain(cfg) -> dict[str, Any]:
-    """Dataclass → JSON-able dict (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+def search_choice(layer: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A config layer with ``aggregation.search`` "auto" turned into ``auto_search``: "auto" sets it, a
+    concrete search clears it (unless the layer gives ``auto_search`` itself)."""
+    if not layer:
+        return None
+    data = dict(layer)
+    agg = data.get("aggregation")
+    if isinstance(agg, Mapping) and agg.get("search") is not None:
+        agg = dict(agg)
+        search = agg.pop("search")
+        if search not in SEARCH_CHOICES:
+            raise ConfigError(f"aggregation.search must be one of {', '.join(SEARCH_CHOICES)}, not {search!r}.")
+        if search != AUTO:
+            agg["search"] = search
+        if data.get("auto_search") is None:
+            data["auto_search"] = search == AUTO
+        data["aggregation"] = agg
+    return data
 
 
-def from_mapping(cls, data: Mapping[str, Any], *, source: str = "config"):
-    """Build ``cls`` from a mapping; unknown keys and wrongly typed values are a ConfigError."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}.")
-    values = {}
-    for key, value in data.items():
-        values[key] = _coerce(key, value, known[key].type, source)
-    return cls(**values)
+def train_config(given: Mapping[str, Any] | None = None, *, config_file: str | Path | None = None) -> TrainConfig:
+    """The config of a training run: defaults < the saved run's (when ``resume`` and ``out`` are set: the
+    config of ``out/last.pt``, migrated to today's schema) < ``config_file``'s ``[train]`` table (or its top
+    level) < ``given`` (``None`` values: not given). Aggregation settings nest under ``aggregation``."""
+    from_file = section(load_toml(config_file), "train") if config_file is not None else None
+    chosen = merge(from_file, given)
+    saved = None
+    if chosen.get("resume") and chosen.get("out"):
+        from .checkpoint import saved_config
 
-
-def _coerce(key: str, value: Any, annotation: str, source: str) -> Any:
-    """Light type check (TOML already gives typed values): ints for ints, floats accept ints, tuples."""
-    ann = str(annotation)
-    if value is None:
-        if "None" in ann:
-            return None
-        raise ConfigError(f"{source}: '{key}' must not be empty.")
-    if ann.startswith("tuple"):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}.")
-        return tuple(float(v) for v in value)
-    if ann.startswith("bool"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: '{key}' must be true or false, got {value!r}.")
-        return value
-    if ann.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}.")
-        return value
-    if ann.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}.")
-        return float(value)
-    if ann.startswith("str"):
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}.")
-        return value
-    return value
-
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file (flat keys, or under a ``[train]`` / ``[eval]`` table)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"Config file {path} does not exist.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from None
-
-
-def merge(cls, *layers: Mapping[str, Any] | None, source: str = "config"):
-    """Later layers override earlier ones; ``None`` values in a layer mean "not given"."""
-    data: dict[str, Any] = {}
-    for layer in layers:
-        if layer:
-            data.update({k: v for k, v in layer.items() if v is not None})
-    return from_mapping(cls, data, source=source)
-
-
-def section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """The ``[name]`` table of a TOML file if it has one, else the file's top level."""
-    if name in data and isinstance(data[name], Mapping):
-        rest = [k for k in data if k != name]
-        if rest:
-            raise ConfigError(f"config file: unknown key(s) {', '.join(sorted(rest))} beside the [{name}] table.")
-        return dict(data[name])
-    return dict(data)
-
-
-def replace(cfg, **changes):
-    return dataclasses.replace(cfg, **changes)
+        saved = saved_config(Path(chosen["out"]) / "last.pt")
+    layers = [search_choice(layer) for layer in (saved, from_file, given)]
+    return from_dict(TrainConfig, merge(*layers), source="train config")

@@ -24,8 +24,11 @@ from ..cache import open_store
 from ..cache.errors import StoreError, TdrError
 from ..cache.ingest import min_side
 from .aggregation import guidance_box
-from .checkpoint import build_model, is_run_checkpoint, load_file, migrate
-from .config import EvalConfig, resolve_search
+from ..runs.checkpoint import load
+from ..runs.config import from_dict
+from .backbones import build_backbone, load_backbone_checkpoint
+from .checkpoint import is_run_checkpoint, run_config
+from .config import EvalConfig, TrainConfig, resolve_search
 from .data import layout_square
 from .metrics import MetricAverager, MetricConvention, psnr
 
@@ -134,24 +137,22 @@ class GuidanceSource:
 # -- loading ------------------------------------------------------------------------------------------
 def load_run(path: str | Path, *, use_ema: bool = True, device=None,
              backbone: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Model (eval mode) and saved training config of a tdr run checkpoint; or, with ``backbone``, a
-    plain backbone with official weights loaded strictly (config: unguided, nothing else known)."""
-    ckpt = load_file(path)
+    """Model (eval mode) and saved training config (today's schema, as a dict) of a tdr run checkpoint of
+    any schema this version reads; or, with ``backbone``, a plain backbone with official weights loaded
+    strictly (config: unguided, nothing else known)."""
+    ckpt = load(path)
     if not is_run_checkpoint(ckpt):
         if backbone is None:
             raise TdrError(f"{path} is not a tdr training checkpoint; to score official weights, name "
-                           "their backbone (--backbone, e.g. nafnet).")
-        from .backbones import load_backbone_checkpoint
-
-        model = build_model(backbone, guided=False)  # an unknown name: UnknownBackboneError, with the choices
+                           "their backbone (backbone, e.g. nafnet).")
+        model = build_backbone(backbone, guided=False)  # an unknown name: UnknownBackboneError, with the choices
         load_backbone_checkpoint(model, ckpt)
         return model.to(device).eval(), {"backbone": backbone, "guidance": "none", "group": None}
-    cfg = migrate(ckpt["config"], ckpt["schema"])
-    model = build_model(cfg["backbone"], guided=cfg["guidance"] != "none", fuse=cfg["fuse"],
-                        search=cfg["search"], match=cfg["match"], transfer=cfg["transfer"])
+    config = from_dict(TrainConfig, run_config(ckpt, str(path)), source=str(path))
+    model = build_backbone(config.backbone, guided=config.guidance != "none", aggregation=config.aggregation)
     state = ckpt["ema"] if use_ema and ckpt.get("ema") else ckpt["model"]
     model.load_state_dict(state)
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), config.to_dict()
 
 
 # -- grids --------------------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> EvalResult
     group = config.group or (run_cfg.get("group") if run_cfg.get("group") in store.guidance_ids() else None)
     source = GuidanceSource(store, config.split, run_cfg["guidance"], group)
     if source.gs is not None:  # a run trained on aligned guidance with the prior search, scored on other guidance
-        resolve_search(run_cfg.get("search", "global"), source.gs.provenance, source.gs.id)
+        resolve_search(run_cfg["aggregation"]["search"], source.gs.provenance, source.gs.id)
     conv = metric_convention(store.metric)
     data_range = 65535 if sp.dtype == np.uint16 else None
     out_dir = Path(config.out) if config.out else Path(config.checkpoint).parent / f"eval-{config.split}"

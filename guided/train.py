@@ -11,10 +11,9 @@ by rank, gradients are averaged by DDP, and only rank 0 validates and writes.
 
 from __future__ import annotations
 
-import functools
+import copy
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,9 +27,13 @@ from torch.utils.data import DataLoader, Sampler
 from ..cache import open_store
 from ..cache.errors import DataIntegrityError, StoreError, TdrError
 from ..cache.ingest import min_side
-from . import checkpoint as ckpt_io
+from ..runs.checkpoint import load, rng_state, save, set_rng_state
+from ..runs.config import ConfigError, check_resume, from_dict
+from ..runs.launch import Launch, launch
 from .aggregation import guidance_box
+from .backbones import backbone_factory, build_backbone
 from .backbones.common import load_backbone_checkpoint
+from .checkpoint import SCHEMA, is_run_checkpoint, run_config
 from .config import TrainConfig, resolve_search
 from .data import TripleDataset
 from .evaluate import GuidanceSource, check_output_dir, metric_convention, restore, to_tensor
@@ -38,9 +41,10 @@ from .metrics import MetricAverager
 
 Progress = Callable[[dict], None]
 
-# fields that may differ between a run and its resumption (they do not change the computed losses)
+# settings that may differ between a run and its resumption (they do not change the computed losses;
+# the search is compared as resolved, the layout follows the store)
 RESUME_FREE = frozenset({"store", "out", "resume", "workers", "val_every", "val_images", "val_crop",
-                         "save_every", "device", "init", "dataset"})
+                         "save_every", "device", "init", "dataset", "auto_search", "aggregation.layout"})
 
 
 @dataclass
@@ -93,33 +97,12 @@ class EMA:
                 self.state[k].copy_(v)
 
 
-def _distributed() -> tuple[int, int, int, bool]:
-    """(rank, world, local_rank, created): joins the torchrun process group when launched by torchrun."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, 0, False
-    import torch.distributed as dist
-
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        created = True
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), created
-
-
-def _check_resume(saved: dict, config: TrainConfig) -> None:
-    now = config.to_dict()
-    diff = [k for k in now if k not in RESUME_FREE and k in saved and saved[k] != now[k]]
-    if diff:
-        k = diff[0]
-        raise TdrError(f"--resume: '{k}' is {now[k]!r} but the run was started with {saved[k]!r}; "
-                       "resume with the same settings or start a new --out.")
-
-
-def _validation_set(store, config: TrainConfig, layout_mode: str, group: str | None):
-    """(GuidanceSource, image rows) of the held-out split, or (None, []) when the store has none."""
+def _validation_set(store, config: TrainConfig, guidance: str, group: str | None):
+    """(GuidanceSource, image rows) of the held-out split, or (None, []) when the store has none;
+    ``guidance`` is the run's guidance mode ("cache", "degraded", "none")."""
     if config.val_every == 0 or config.val_split not in store.splits or not store[config.val_split].has_gt:
         return None, []
-    source = GuidanceSource(store, config.val_split, layout_mode, group)
+    source = GuidanceSource(store, config.val_split, guidance, group)
     sp = store[config.val_split]
     rows = list(range(min(len(sp), config.val_images) if config.val_images else len(sp)))
     need, c = min_side(store.metric), config.val_crop
@@ -129,7 +112,7 @@ def _validation_set(store, config: TrainConfig, layout_mode: str, group: str | N
         if side < need:
             raise StoreError(f"Validation image '{sp.ids[i]}' of split '{config.val_split}' gives a {side}-pixel "
                              f"side, but SSIM and the border crop need at least {need}; re-ingest without images "
-                             f"under {need}×{need} pixels, or pass --val-every 0.")
+                             f"under {need}×{need} pixels, or set val_every 0.")
     return source, rows
 
 
@@ -158,171 +141,187 @@ def validate(model, store, config: TrainConfig, source: GuidanceSource, rows: li
     return {**avg.mean(), "n": len(avg)}
 
 
-def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
-    """Train ``config.backbone`` on ``config.store``; see the module docstring. Returns a TrainResult."""
+def train(config: TrainConfig, progress: Progress | None = None, *,
+          model: torch.nn.Module | None = None) -> TrainResult:
+    """Train on ``config.store`` (see the module docstring) and return a TrainResult.
+
+    ``model``: a backbone built in Python (``build_backbone(name, guided=…, aggregation=…)``) to train
+    instead of building ``config.backbone`` from the config; ``config.backbone`` still names its registry
+    entry (what ``tdr eval`` rebuilds), and a guided model's own aggregation settings are the run's.
+    """
     config = config.require()
+    if model is None:
+        backbone_factory(config.backbone)  # an unknown name fails before any work
     t_start = time.perf_counter()
+    with launch(config.device) as proc:
+        return _train(config, progress, model, proc, t_start)
+
+
+def _train(config: TrainConfig, progress: Progress | None, model: torch.nn.Module | None, proc: Launch,
+           t_start: float) -> TrainResult:
     # 1. processes and device
-    rank, world, local_rank, created_group = _distributed()
-    main = rank == 0
+    rank, world, device, main = proc.rank, proc.world, proc.device, proc.main
     emit = progress if (progress and main) else (lambda event: None)
-    if config.device:
-        device = torch.device(config.device)
-    else:
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     run_dir = Path(config.out)
     last = run_dir / "last.pt"
-    check_output_dir(run_dir, "--out")  # before anything runs
-    try:
-        # 2. the run folder: new, or resumed from last.pt
-        resume_ckpt = None
-        if config.resume:
-            if not last.is_file():
-                raise TdrError(f"--resume: {last} does not exist; start the run without --resume.")
-            resume_ckpt = ckpt_io.load_file(last)
-        elif last.is_file():
-            raise TdrError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it or use a new --out.")
+    check_output_dir(run_dir, "out")  # before anything runs
+    # 2. the run folder: new, or resumed from last.pt
+    resume_ckpt = None
+    if config.resume:
+        if not last.is_file():
+            raise TdrError(f"resume: {last} does not exist; start the run without resume.")
+        resume_ckpt = load(last)
+        if not is_run_checkpoint(resume_ckpt):
+            raise TdrError(f"resume: {last} is not a tdr training checkpoint; use the run's folder as out.")
+    elif last.is_file():
+        raise TdrError(f"{run_dir} already holds a run (last.pt); set resume to continue it or use a new out folder.")
 
-        # 3. data: the training sample sequence, split by rank
-        store = open_store(config.store)
-        if config.dataset and store.dataset != config.dataset:
-            raise StoreError(f"Store {config.store} holds dataset '{store.dataset}', not '{config.dataset}'.")
-        if "train" not in store.splits:
-            raise StoreError(f"Store {config.store} has no 'train' split (it has: {', '.join(store.splits)}).")
-        ds = TripleDataset(config.store, "train", patch=config.patch, guidance=config.guidance,
-                           group=config.group, seed=config.seed, swap=config.swap)
-        if config.guidance == "cache":
-            config = replace(config, group=ds.group)
-        config = replace(config, search=resolve_search(config.search, ds.provenance, config.group))
-        if resume_ckpt is not None:
-            _check_resume(ckpt_io.migrate(resume_ckpt["config"], resume_ckpt["schema"]), config)
-        layout = ds.layout
-        val_source, val_rows = _validation_set(store, config, config.guidance, config.group) if main else (None, [])
+    # 3. data: the training sample sequence, split by rank
+    store = open_store(config.store)
+    if config.dataset and store.dataset != config.dataset:
+        raise StoreError(f"Store {config.store} holds dataset '{store.dataset}', not '{config.dataset}'.")
+    if "train" not in store.splits:
+        raise StoreError(f"Store {config.store} has no 'train' split (it has: {', '.join(store.splits)}).")
+    ds = TripleDataset(config.store, "train", patch=config.patch, guidance=config.guidance,
+                       group=config.group, seed=config.seed, swap=config.swap)
+    if config.guidance == "cache":
+        config = replace(config, group=ds.group)
+    config = _resolved_aggregation(config, model, ds)
+    if resume_ckpt is not None:
+        saved = from_dict(TrainConfig, run_config(resume_ckpt, str(last)), source=str(last))
+        check_resume(saved, config, RESUME_FREE)
+    layout = ds.layout
+    val_source, val_rows = _validation_set(store, config, config.guidance, config.group) if main else (None, [])
 
-        # 4. model (seeded; the backbone is built before the aggregation, so guided and plain models
-        # made under one seed share backbone weights), optional --init, optimiser, schedule, EMA
-        torch.manual_seed(config.seed)
-        new_model = functools.partial(ckpt_io.build_model, config.backbone, guided=config.guidance != "none",
-                                      fuse=config.fuse, search=config.search, layout=layout, match=config.match,
-                                      transfer=config.transfer)
-        model = new_model()
-        if config.init and resume_ckpt is None:
-            load_backbone_checkpoint(model, _init_weights(config.init))
-        model.to(device).train()
-        lr, agg_lr = config.lrs
-        groups = [{"params": model.backbone_parameters(), "lr": lr}]
-        # α of eq. 4 starts at 0 and gates everything the guidance contributes; Adam moves a parameter by
-        # about its lr per step, so α gets its own lr (else a short run never opens the gate)
-        gates = [p for n, p in model.named_parameters() if n.startswith("agg.") and n.endswith(".alpha")]
-        rest = [p for p in model.aggregation_parameters() if all(p is not g for g in gates)]
-        if rest:
-            groups.append({"params": rest, "lr": agg_lr})
-        if gates:
-            groups.append({"params": gates, "lr": agg_lr if config.alpha_lr is None else config.alpha_lr})
-        opt = torch.optim.AdamW(groups, betas=config.betas, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iters, eta_min=config.eta_min)
-        ema = EMA(model, config.ema) if config.ema else None
-        start = 0
-        if resume_ckpt is not None:
-            model.load_state_dict(resume_ckpt["model"])
-            opt.load_state_dict(resume_ckpt["optimizer"])
-            sched.load_state_dict(resume_ckpt["scheduler"])
-            if ema is not None and resume_ckpt.get("ema"):
-                ema.state = {k: v.to(device) for k, v in resume_ckpt["ema"].items()}
-            ckpt_io.set_rng_state(resume_ckpt["rng"])
-            start = int(resume_ckpt["step"])
-        net = model
-        if world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-            emit = _logged(emit, run_dir / "log.jsonl")
+    # 4. model (seeded; the backbone is built before the aggregation, so guided and plain models
+    # made under one seed share backbone weights), optional init weights, optimiser, schedule, EMA
+    torch.manual_seed(config.seed)
+    if model is None:
+        model = build_backbone(config.backbone, guided=config.guidance != "none", aggregation=config.aggregation)
+    if config.init and resume_ckpt is None:
+        load_backbone_checkpoint(model, load(config.init))
+    model.to(device).train()
+    lr, agg_lr = config.lrs
+    groups = [{"params": model.backbone_parameters(), "lr": lr}]
+    # α of eq. 4 starts at 0 and gates everything the guidance contributes; Adam moves a parameter by
+    # about its lr per step, so α gets its own lr (else a short run never opens the gate)
+    gates = [p for n, p in model.named_parameters() if n.startswith("agg.") and n.endswith(".alpha")]
+    rest = [p for p in model.aggregation_parameters() if all(p is not g for g in gates)]
+    if rest:
+        groups.append({"params": rest, "lr": agg_lr})
+    if gates:
+        groups.append({"params": gates, "lr": agg_lr if config.alpha_lr is None else config.alpha_lr})
+    opt = torch.optim.AdamW(groups, betas=config.betas, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iters, eta_min=config.eta_min)
+    ema = EMA(model, config.ema) if config.ema else None
+    start = 0
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+        opt.load_state_dict(resume_ckpt["optimizer"])
+        sched.load_state_dict(resume_ckpt["scheduler"])
+        if ema is not None and resume_ckpt.get("ema"):
+            ema.state = {k: v.to(device) for k, v in resume_ckpt["ema"].items()}
+        set_rng_state(resume_ckpt["rng"])
+        start = int(resume_ckpt["step"])
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        emit = _logged(emit, run_dir / "log.jsonl")
 
-        def save(step: int, path: Path) -> None:
-            payload = {"schema": ckpt_io.SCHEMA, "config": config.to_dict(), "step": step,
-                       "model": model.state_dict(), "optimizer": opt.state_dict(),
-                       "scheduler": sched.state_dict(), "rng": ckpt_io.rng_state(),
-                       "ema": ema.state if ema is not None else None}
-            ckpt_io.save(path, payload)
-            emit({"event": "checkpoint", "step": step, "path": str(path)})
+    def checkpoint(step: int, path: Path) -> None:
+        save(path, {"schema": SCHEMA, "config": config.to_dict(), "step": step, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
+                    "ema": ema.state if ema is not None else None})
+        emit({"event": "checkpoint", "step": step, "path": str(path)})
 
-        # 5. the loop
-        result = TrainResult(run_dir, last, start, start)
-        loader = DataLoader(ds, batch_size=config.batch_size, num_workers=config.workers,
-                            sampler=RankSamples(start, config.iters, config.batch_size, rank, world),
-                            pin_memory=device.type == "cuda", persistent_workers=False)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
-        guided = config.guidance != "none"
-        emit({"event": "start", "step": start, "iters": config.iters, "device": str(device), "world": world,
-              "params": sum(p.numel() for p in model.parameters()), "lr": lr, "agg_lr": agg_lr})
-        t_loop = time.perf_counter()
-        step = start
-        batches = iter(loader)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except (DataIntegrityError, RuntimeError) as exc:  # a damaged chunk, maybe raised in a loader worker
-                error = _data_error(exc)
-                if error is None:
-                    raise
-                raise _stopped(error, step, start, main, save, last) from None
-            lq = batch["lq"].to(device, non_blocking=True)
-            gt = batch["gt"].to(device, non_blocking=True)
-            with autocast:
-                if guided:
-                    guide = batch["guidance"].to(device, non_blocking=True)
-                    out = net(lq, guide, box=crop_boxes(layout, batch, device))
-                else:
-                    out = net(lq)
-            loss = F.l1_loss(out.float(), gt)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
-            sched.step()
+    # 5. the loop
+    result = TrainResult(run_dir, last, start, start)
+    loader = DataLoader(ds, batch_size=config.batch_size, num_workers=config.workers,
+                        sampler=RankSamples(start, config.iters, config.batch_size, rank, world),
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp and device.type == "cuda")
+    guided = config.guidance != "none"
+    emit({"event": "start", "step": start, "iters": config.iters, "device": str(device), "world": world,
+          "params": sum(p.numel() for p in model.parameters()), "lr": lr, "agg_lr": agg_lr})
+    t_loop = time.perf_counter()
+    step = start
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except (DataIntegrityError, RuntimeError) as exc:  # a damaged chunk, maybe raised in a loader worker
+            error = _data_error(exc)
+            if error is None:
+                raise
+            raise _stopped(error, step, start, main, checkpoint, last) from None
+        lq = batch["lq"].to(device, non_blocking=True)
+        gt = batch["gt"].to(device, non_blocking=True)
+        with autocast:
+            if guided:
+                guide = batch["guidance"].to(device, non_blocking=True)
+                out = net(lq, guide, box=crop_boxes(layout, batch, device))
+            else:
+                out = net(lq)
+        loss = F.l1_loss(out.float(), gt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TdrError(f"The loss became {value} at step {step}; lower lr or check the data.")
+        result.losses.append(value)
+        emit({"event": "step", "step": step, "iters": config.iters, "loss": value,
+              "lr": opt.param_groups[0]["lr"], "it_s": (step - start) / (time.perf_counter() - t_loop)})
+        if main and val_source is not None and (step % config.val_every == 0 or step == config.iters):
+            val_model = model
             if ema is not None:
-                ema.update(model)
-            step += 1
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TdrError(f"The loss became {value} at step {step}; lower --lr or check the data.")
-            result.losses.append(value)
-            emit({"event": "step", "step": step, "iters": config.iters, "loss": value,
-                  "lr": opt.param_groups[0]["lr"], "it_s": (step - start) / (time.perf_counter() - t_loop)})
-            if main and val_source is not None and (step % config.val_every == 0 or step == config.iters):
-                val_model = model
-                if ema is not None:
-                    val_model = new_model()
-                    val_model.load_state_dict(ema.state)
-                    val_model.to(device)
-                try:
-                    metrics = validate(val_model, store, config, val_source, val_rows, device)
-                except DataIntegrityError as exc:
-                    raise _stopped(exc, step, start, main, save, last) from None
-                result.val.append({"step": step, **metrics})
-                emit({"event": "val", "step": step, **metrics})
-            periodic = bool(config.save_every) and step % config.save_every == 0
-            if main and periodic:
-                save(step, run_dir / f"step_{step}.pt")
-            if main and (periodic or step == config.iters or (config.val_every and step % config.val_every == 0)):
-                save(step, last)
-        if main and not last.is_file():  # nothing was left to do: still leave a checkpoint behind
-            save(step, last)
-        result.step = step
-        result.seconds = time.perf_counter() - t_start
-        return result
-    finally:
-        if created_group:
-            import torch.distributed as dist
+                val_model = new_model()
+                val_model.load_state_dict(ema.state)
+                val_model.to(device)
+            try:
+                metrics = validate(val_model, store, config, val_source, val_rows, device)
+            except DataIntegrityError as exc:
+                raise _stopped(exc, step, start, main, checkpoint, last) from None
+            result.val.append({"step": step, **metrics})
+            emit({"event": "val", "step": step, **metrics})
+        periodic = bool(config.save_every) and step % config.save_every == 0
+        if main and periodic:
+            checkpoint(step, run_dir / f"step_{step}.pt")
+        if main and (periodic or step == config.iters or (config.val_every and step % config.val_every == 0)):
+            checkpoint(step, last)
+    if main and not last.is_file():  # nothing was left to do: still leave a checkpoint behind
+        checkpoint(step, last)
+    result.step = step
+    result.seconds = time.perf_counter() - t_start
+    return result
 
-            dist.destroy_process_group()
+
+def _resolved_aggregation(config: TrainConfig, model: torch.nn.Module | None, ds: TripleDataset) -> TrainConfig:
+    """The run's aggregation settings: a given guided model's own, else the config's with the layout of the
+    store's guidance and, with ``auto_search``, the search its provenance calls for (``resolve_search``)."""
+    if model is not None:
+        if config.guidance != "none" and not getattr(model, "guided", False):
+            raise ConfigError(f"model: a plain backbone cannot use guidance '{config.guidance}'; build it with "
+                              "guided=True or set guidance 'none'.")
+        if getattr(model, "guided", False):
+            agg = model.agg.config
+            resolve_search(agg.search, ds.provenance, config.group)  # refuses prior on guidance not aligned
+            return replace(config, aggregation=agg, auto_search=False)
+    agg = replace(config.aggregation, layout=ds.layout)
+    search = resolve_search("auto" if config.auto_search else agg.search, ds.provenance, config.group)
+    return replace(config, aggregation=replace(agg, search=search))
 
 
 def _stopped(error: DataIntegrityError, step: int, start: int, main: bool, save, last: Path) -> DataIntegrityError:
@@ -330,7 +329,7 @@ def _stopped(error: DataIntegrityError, step: int, start: int, main: bool, save,
     if main and step > start:
         save(step, last)
         return DataIntegrityError(f"{error} Training stopped after step {step}, saved in {last}; once the store is "
-                                  "repaired, add --resume to the same command to continue.")
+                                  "repaired, resume the run (resume) to continue.")
     return error
 
 
@@ -354,8 +353,3 @@ def _logged(emit, path: Path, every: int = 10):
                 f.write(json.dumps(event) + "\n")
         emit(event)
     return log
-
-
-def _init_weights(path: str) -> dict:
-    """An official checkpoint (``{"params": …}`` etc.) or a tdr run checkpoint, read safely."""
-    return ckpt_io.load_file(path)

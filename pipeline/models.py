@@ -173,14 +173,13 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(module: Mapper | Cleaner, path: str | os.PathLike, meta: dict | None = None) -> None:
-    """Write a mapper or cleaner in the schema-1 format of this module's docstring."""
+def module_checkpoint(module: Mapper | Cleaner, meta: dict | None = None) -> dict:
+    """A mapper or cleaner as the schema-1 payload of this module's docstring (tensors on the CPU, in their
+    dtype), for :func:`tdr.runs.checkpoint.save`."""
     kind = "mapper" if isinstance(module, Mapper) else "cleaner"
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    payload = {"schema": SCHEMA, "kind": kind, "config": module.config.to_dict(), "state_dict": state}
-    payload["meta"] = dict(meta or {})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, path)
+    return {"schema": SCHEMA, "kind": kind, "config": module.config.to_dict(), "state_dict": state,
+            "meta": dict(meta or {})}
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str) -> Mapper | Cleaner:

@@ -30,9 +30,9 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +41,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..cache.errors import TdrError
+from ..runs.checkpoint import load, rng_state, save, set_rng_state
+from ..runs.config import ConfigError, check_resume, from_dict, layered, to_dict
+from ..runs.launch import Launch, launch
 from .attention import install_mapper_kv
 from .clip import encode_image, preprocess
 from .injection import encode_injected
-from .models import CLIP_MODEL, SCHEMA, SD_MODEL, GuidanceModels, load_components
+from .models import CLIP_MODEL, SD_MODEL, GuidanceModels, load_components, module_checkpoint
 from .pretrained import save_pretrained
 from .sampler import latent_scale, make_scheduler
 from .textual_data import Item, apply_crop, cleaner_items, mapper_items, parse_source, sample, sample_seed, to_float
@@ -55,10 +58,6 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 # settings that may change when a run is resumed; every other one must match the saved run
 RESUME_FREE = frozenset({"steps", "resume", "out", "device", "workers", "save_every", "val_every", "val_images",
                          "val_steps", "val_scale", "grad_checkpointing", "attention"})
-
-
-class TextualConfigError(TdrError, ValueError):
-    """A training setting that is unknown, of the wrong type or out of range."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,8 @@ class TextualConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (bool(self.data) or bool(self.noise_data), "no training data given; pass --data NAME[:ROOT] (repeatable)"),
-            (bool(self.out), "no run folder given; pass --out DIR"),
+            (bool(self.data) or bool(self.noise_data), "no training data given; set data to NAME[:ROOT] sources"),
+            (bool(self.out), "no run folder given; set out to a folder"),
             (self.preset in ("full", "tiny"), f"preset must be 'full' or 'tiny', not {self.preset!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}"),
             (self.steps >= 1 and self.batch_size >= 1 and self.accum >= 1, "steps, batch size and accum must be >= 1"),
@@ -106,24 +105,14 @@ class TextualConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise TextualConfigError(message[0].upper() + message[1:] + ".")
+                raise ConfigError(message[0].upper() + message[1:] + ".")
 
     def learning_rate(self, world_size: int = 1) -> float:
         """The paper's rule: base lr x total batch (per-GPU batch x accumulation x GPUs), unless ``lr`` is set."""
         return self.lr if self.lr is not None else self.base_lr * self.batch_size * self.accum * world_size
 
     def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> TextualConfig:
-        """Build from a mapping (JSON, TOML); unknown keys are an error; lists become tuples."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TextualConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}.")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**values)
+        return to_dict(self)
 
 
 def load_run_config(out: str | os.PathLike) -> dict | None:
@@ -132,14 +121,14 @@ def load_run_config(out: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def merged_config(given: dict, source: str = "command line") -> TextualConfig:
-    """A config from settings where ``None`` means "not given": over the defaults, or, with ``resume`` set,
-    over the run's saved ``config.json`` (so ``--resume --out DIR`` alone continues a run as it was)."""
-    values: dict = {}
-    if given.get("resume") and given.get("out"):
-        values.update(load_run_config(given["out"]) or {})
-    values.update({k: v for k, v in given.items() if v is not None and v != ()})
-    return TextualConfig.from_dict(values, source)
+def merged_config(given: Mapping, *, config_file: str | os.PathLike | None = None) -> TextualConfig:
+    """The config of a run: defaults < the run's saved ``config.json`` (when ``resume`` and ``out`` are given,
+    so resuming with ``out`` alone continues a run as it was) < ``config_file``'s ``[train]`` table (or its
+    top level) < ``given`` (``None`` or an empty list: not given)."""
+    given = {k: v for k, v in given.items() if v is not None and v != () and v != []}
+    saved = load_run_config(given["out"]) if given.get("resume") and given.get("out") else None
+    return layered(TextualConfig, saved=saved, file=config_file, table="train", given=given,
+                   source="training config")
 
 
 @dataclass
@@ -177,47 +166,12 @@ def train_cleaner(config: TextualConfig, progress: ProgressFn | None = None, *,
     else is left bit-identical). Progress events as :func:`train_mapper`.
     """
     if models is None and not config.mapper:
-        raise TextualConfigError("The cleaner is trained on a trained mapper; pass --mapper DIR/last.pt from train-mapper.")
+        raise ConfigError("The cleaner is trained on a trained mapper; set mapper to the mapper run's DIR/last.pt.")
     return _train("cleaner", config, progress, models)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the loop
-
-
-@dataclass
-class _Dist:
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    owned: bool = False  # this call initialised the process group
-
-
-def _distributed() -> _Dist:
-    """torchrun's environment -> process group (NCCL on GPU, gloo on CPU); a plain run is world 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    owned = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        owned = True
-    return _Dist(world, dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), owned)
-
-
-def _device(config: TextualConfig, dist: _Dist) -> torch.device:
-    if config.device:
-        device = torch.device(config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TdrError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and dist.world > 1:
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    return device
 
 
 def _precision(config: TextualConfig, device: torch.device) -> tuple[torch.dtype, bool]:
@@ -227,94 +181,56 @@ def _precision(config: TextualConfig, device: torch.device) -> tuple[torch.dtype
     return (torch.bfloat16 if config.precision == "bf16" else torch.float16), True
 
 
-def _check_resume(saved: dict, config: TextualConfig) -> None:
-    now = config.to_dict()
-    for key in sorted(set(now) - RESUME_FREE):
-        if saved.get(key) != now[key]:
-            raise TdrError(f"--resume: '{key}' is {now[key]!r} but the run was started with {saved.get(key)!r}; "
-                           "resume with the same settings or start a new --out.")
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
-
-
 def save_training_checkpoint(module: nn.Module, path: Path, *, stage: str, step: int, config: TextualConfig,
                              optimizer: torch.optim.Optimizer, scaler, losses: list[float]) -> None:
     """The schema-1 mapper/cleaner checkpoint of :mod:`tdr.pipeline.models` plus a ``train`` entry, written
     atomically (a killed run never leaves a half-written ``last.pt``)."""
-    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
-             for k, v in module.state_dict().items()}
     payload = {
-        "schema": SCHEMA,
-        "kind": stage,
-        "config": module.config.to_dict(),
-        "state_dict": state,
-        "meta": {"stage": stage, "step": step, "training": config.to_dict()},
+        **module_checkpoint(module, meta={"stage": stage, "step": step, "training": config.to_dict()}),
         "train": {
             "step": step,
             "config": config.to_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "losses": torch.tensor(losses, dtype=torch.float64),
         },
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save(path, payload)
 
 
 def _train(stage: str, config: TextualConfig, progress: ProgressFn | None, models: GuidanceModels | None) -> TextualResult:
     report = progress or (lambda event: None)
-    dist = _distributed()
-    try:
+    with launch(config.device) as dist:
         return _run(stage, config, report, models, dist)
-    finally:
-        if dist.owned:
-            import torch.distributed as tdist
-
-            tdist.destroy_process_group()
 
 
-def _run(stage: str, config: TextualConfig, report: ProgressFn, models: GuidanceModels | None, dist: _Dist) -> TextualResult:
+def _run(stage: str, config: TextualConfig, report: ProgressFn, models: GuidanceModels | None, dist: Launch) -> TextualResult:
     # 1. the run folder: new, or resumed from last.pt
     run_dir = Path(config.out)
     last = run_dir / "last.pt"
     resume_ckpt = None
     if config.resume:
         if not last.is_file():
-            raise TdrError(f"--resume: {last} does not exist; start the run without --resume.")
-        try:
-            resume_ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise TdrError(f"--resume: {last} is not a readable checkpoint ({type(exc).__name__}).") from None
+            raise TdrError(f"resume: {last} does not exist; start the run without resume.")
+        resume_ckpt = load(last)
         if resume_ckpt.get("kind") != stage or "train" not in resume_ckpt:
-            raise TdrError(f"--resume: {last} is not a {stage} training checkpoint; use the {stage} run's folder.")
-        _check_resume(resume_ckpt["train"]["config"], config)
+            raise TdrError(f"resume: {last} is not a {stage} training checkpoint; use the {stage} run's folder.")
+        check_resume(from_dict(TextualConfig, resume_ckpt["train"]["config"], source=str(last)), config, RESUME_FREE)
     elif last.is_file():
-        raise TdrError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it or use a new --out.")
+        raise TdrError(f"{run_dir} already holds a run (last.pt); set resume to continue it or use a new out folder.")
 
     # 2. data: every source checked and listed before any model loads
     sources = [parse_source(s) for s in config.data]
     if stage == "mapper":
         if config.noise_data:
-            raise TextualConfigError("Noise data is for the cleaner; give noisy images to the mapper with --data.")
+            raise ConfigError("Noise data is for the cleaner; give noisy images to the mapper as data.")
         items = mapper_items(sources, config.split)
     else:
         items = cleaner_items(sources, [parse_source(s) for s in config.noise_data], config.split)
 
     # 3. models: frozen ones in fp16 on GPU; the trainable module in fp32 (master weights)
-    device = _device(config, dist)
+    device = dist.device
     frozen_dtype, amp = _precision(config, device)
     if models is None:
         models = load_components(config.sd_model, config.clip_model, device=device, dtype=frozen_dtype,
@@ -336,7 +252,7 @@ def _run(stage: str, config: TextualConfig, report: ProgressFn, models: Guidance
     f = latent_scale(models.vae)
     multiple = f * 2 ** (len(models.unet.config.block_out_channels) - 1)
     if config.size % multiple:
-        raise TextualConfigError(f"The crop size must be a multiple of {multiple} for these models, got {config.size}.")
+        raise ConfigError(f"The crop size must be a multiple of {multiple} for these models, got {config.size}.")
     latent_shape = (models.unet.config.in_channels, config.size // f, config.size // f)
     scheduler = make_scheduler(models.scheduler_config)
 
@@ -352,7 +268,7 @@ def _run(stage: str, config: TextualConfig, report: ProgressFn, models: Guidance
         for group in optimizer.param_groups:
             group["lr"] = lr
         scaler.load_state_dict(train_state["scaler"])
-        _set_rng_state(train_state["rng"])
+        set_rng_state(train_state["rng"])
         start = int(train_state["step"])
         past_losses = [float(x) for x in train_state["losses"].tolist()]
     else:

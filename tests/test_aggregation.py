@@ -373,10 +373,10 @@ def test_alpha_starts_at_zero_and_gets_gradient():
 @pytest.mark.parametrize("fuse,expected", [("enc", {"enc0", "enc1", "enc2", "mid"}), ("dec", {"dec0", "dec1", "dec2"}),
                                            ("enc+dec", {"enc0", "enc1", "enc2", "mid", "dec0", "dec1", "dec2"})])
 def test_fuse_sides(fuse, expected):
-    model = build_backbone("restormer-test", guided=True, fuse=fuse)
+    model = build_backbone("restormer-test", guided=True, aggregation=AggregationConfig(fuse=fuse))
     assert set(model.agg.fusions) == expected
     with pytest.raises(ValueError, match="enc\\+dec"):
-        build_backbone("restormer-test", fuse="both")
+        AggregationConfig(fuse="both")
 
 
 def test_config_errors_name_the_choices():

@@ -31,8 +31,8 @@ def test_demo_writes_report_with_table_and_pictures(tmp_path):
     # its provenance; the runs used the search that provenance calls for
     facts = json.loads(CliRunner().invoke(app, ["cache", "info", str(out / "demo.zarr"), "--json"]).output)
     assert sorted(g["provenance"] for g in facts["guidance"].values()) == ["aligned", "generated", "unknown"]
-    assert json.loads((out / "runs" / "guided" / "config.json").read_text())["search"] == "global"
-    assert json.loads((out / "runs" / "aligned" / "config.json").read_text())["search"] == "prior"
+    assert json.loads((out / "runs" / "guided" / "config.json").read_text())["aggregation"]["search"] == "global"
+    assert json.loads((out / "runs" / "aligned" / "config.json").read_text())["aggregation"]["search"] == "prior"
     assert all(g["splits"]["test"]["missing"] == 0 for g in facts["guidance"].values())
     # rerunning reuses what is there
     again = CliRunner().invoke(app, ["demo", "--out", str(out), "--iters", "4", "--base-iters", "4"])

@@ -46,6 +46,18 @@ def test_pipeline_never_imports_guided():
         assert not {n for n in names if n.startswith("tdr.guided")}, path
 
 
+def test_runs_imports_neither_half_nor_the_cli_libraries():
+    """tdr.runs is shared by both trainers: it imports neither half, nor diffusers, typer or rich."""
+    for path, names in imported_modules(ROOT / "runs").items():
+        bad = {n for n in names if n.split(".")[0] in ("diffusers", "typer", "rich")
+               or n.startswith(("tdr.pipeline", "tdr.guided", "tdr.cli"))}
+        assert not bad, f"{path} imports {bad}"
+    code = ("import sys, tdr.runs; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('diffusers', 'typer', 'rich') or m.startswith(('tdr.pipeline', 'tdr.guided'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
 def test_training_process_never_loads_diffusers():
     code = ("import sys, tdr.guided.train, tdr.guided.evaluate, tdr.guided.data, tdr.cache.ingest;"
             "print('diffusers' in sys.modules, 'tdr.pipeline' in sys.modules)")
@@ -60,7 +72,7 @@ def test_dockerfile_structure():
     assert any("download.pytorch.org/whl/cu" in l for l in lines), "CUDA build of torch"
     assert re.search(r'pip install "\.\[gpu,remote\]"', text)
     assert 'ENTRYPOINT ["tdr"]' in lines
-    for copied in ("pyproject.toml", "cli.py", "cache", "pipeline", "guided"):
+    for copied in ("pyproject.toml", "cli.py", "cache", "pipeline", "guided", "runs"):
         assert any(l.startswith("COPY") and copied in l for l in lines), copied
 
 

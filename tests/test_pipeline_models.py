@@ -16,10 +16,11 @@ from tdr.pipeline.models import (
     TINY_TEXT_CONFIG,
     TINY_VISION_CONFIG,
     load_checkpoint,
+    module_checkpoint,
     random_components,
-    save_checkpoint,
     weight_sha256,
 )
+from tdr.runs.checkpoint import save
 from tdr.pipeline.sampler import make_scheduler
 
 torch.set_num_threads(1)
@@ -53,8 +54,8 @@ def tiny_dirs(tmp_path_factory):
     text = {**TINY_TEXT_CONFIG, "vocab_size": len(parts["tokenizer"])}
     clip = CLIPModel(CLIPConfig(text_config=text, vision_config=TINY_VISION_CONFIG, projection_dim=16))
     clip.save_pretrained(root / "clip")
-    save_checkpoint(parts["mapper"], root / "mapper.pt", meta={"step": 3})
-    save_checkpoint(parts["cleaner"], root / "cleaner.pt")
+    save(root / "mapper.pt", module_checkpoint(parts["mapper"], meta={"step": 3}))
+    save(root / "cleaner.pt", module_checkpoint(parts["cleaner"]))
     vision = {k.removeprefix("vision_model."): v for k, v in clip.state_dict().items() if k.startswith("vision_")}
     parts["clip"] = vision
     ckpts = {"mapper": root / "mapper.pt", "cleaner": root / "cleaner.pt"}
@@ -143,7 +144,7 @@ def test_checkpoint_round_trip_and_refusals(tiny_dirs, tmp_path):
     with pytest.raises(TdrError, match="not a readable mapper"):
         load_checkpoint(junk, "mapper")
     wrong = tmp_path / "wrong.pt"
-    save_checkpoint(Mapper(MapperConfig(clip_dim=16, word_dim=32)), wrong)
+    save(wrong, module_checkpoint(Mapper(MapperConfig(clip_dim=16, word_dim=32))))
     with pytest.raises(TdrError, match="16-d CLIP tokens"):
         load_components(preset="tiny", mapper_ckpt=wrong)
     tiny = load_components(preset="tiny", mapper_ckpt=d["mapper"], cleaner_ckpt=d["cleaner"])

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from tdr.cache.errors import ModelNotFoundError
 from tdr.cli import app
 from tdr.pipeline import fingerprint, load_components
-from tdr.pipeline.models import file_sha256, load_checkpoint, save_checkpoint
+from tdr.pipeline.models import file_sha256, load_checkpoint, module_checkpoint
+from tdr.runs.checkpoint import save
 from tdr.pipeline.pretrained import CONFIG, WEIGHTS, load_pretrained, save_pretrained, textual_sha256
 
 torch.set_num_threads(1)
@@ -37,7 +38,7 @@ def trained(tmp_path_factory):
             for p in module.parameters():
                 p.add_(0.01 * torch.randn_like(p))
     for kind in ("mapper", "cleaner"):
-        save_checkpoint(getattr(models, kind), root / f"{kind}.pt")
+        save(root / f"{kind}.pt", module_checkpoint(getattr(models, kind)))
         save_pretrained(getattr(models, kind), root / kind, meta={"step": 7})
     return root, models
 

@@ -88,7 +88,7 @@ def test_auto_picks_global_unless_aligned(provenance, expected):
 
 @pytest.mark.parametrize("provenance", ["generated", "unknown"])
 def test_prior_on_guidance_that_is_not_aligned_is_refused(provenance):
-    with pytest.raises(ConfigError, match=f"'{provenance}'.*--aligned"):
+    with pytest.raises(ConfigError, match=f"'{provenance}'.*aligned=True"):
         resolve_search("prior", provenance, "abc123")
     assert resolve_search("prior", "aligned") == "prior"
 
@@ -99,7 +99,7 @@ def test_train_records_the_search_it_used(data, tmp_path):
     for url, expected in ((unknown, "global"), (aligned, "prior")):
         out = tmp_path / f"run-{expected}"
         train(TrainConfig(store=url, out=str(out), **base))
-        assert json.loads((out / "config.json").read_text())["search"] == expected
+        assert json.loads((out / "config.json").read_text())["aggregation"]["search"] == expected
 
 
 def test_cli_prior_on_unknown_guidance_one_line(data, tmp_path):
@@ -116,14 +116,14 @@ def test_schema_1_runs_load_with_the_search_they_used(tmp_path):
     """Runs saved before the searches were reworked (schema 1) called the paper's search "global" and, the
     oldest, recorded no match/transfer: they load as "masa" with encoder features and patches."""
     from tdr.guided.backbones import build_backbone
-    from tdr.guided.checkpoint import save
+    from tdr.runs.checkpoint import save
     from tdr.guided.evaluate import load_run
 
     model = build_backbone("nafnet-test", guided=True)
     config = dict(backbone="nafnet-test", guidance="cache", fuse="enc+dec", search="global")
     save(tmp_path / "old.pt", {"schema": 1, "config": config, "step": 1, "model": model.state_dict()})
     loaded, cfg = load_run(tmp_path / "old.pt")
-    assert cfg["search"] == "masa" and loaded.agg.config.search == "masa"
+    assert cfg["aggregation"]["search"] == "masa" and loaded.agg.config.search == "masa"
     assert loaded.agg.config.match_features == "encoder" and loaded.agg.config.transfer == "patch"
     config |= {"match": "image", "transfer": "bilinear"}  # what every schema-2 run records
     save(tmp_path / "new.pt", {"schema": 2, "config": config, "step": 1, "model": model.state_dict()})

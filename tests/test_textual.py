@@ -10,7 +10,8 @@ from tdr.cache.errors import DatasetError, StoreError, TdrError
 from tdr.cache.images import write_png
 from tdr.pipeline import file_sha256, fingerprint, load_components
 from tdr.pipeline.models import load_checkpoint
-from tdr.pipeline.textual import TextualConfig, TextualConfigError, evaluate_loss, train_cleaner, train_mapper
+from tdr.pipeline.textual import TextualConfig, evaluate_loss, train_cleaner, train_mapper
+from tdr.runs.config import ConfigError, from_dict
 from tdr.pipeline.textual_data import cleaner_items, crop_box, mapper_items, parse_source, sample
 
 torch.set_num_threads(1)
@@ -206,15 +207,17 @@ def test_store_sources(tmp_path):
 
 def test_config_errors_and_paper_lr():
     assert TextualConfig(data=("demo",), out="x").learning_rate(world_size=4) == pytest.approx(6.4e-5)
-    with pytest.raises(TextualConfigError, match="--data"):
+    with pytest.raises(ConfigError, match="set data"):
         TextualConfig(out="x")
-    with pytest.raises(TextualConfigError, match="unknown key"):
-        TextualConfig.from_dict({"data": ["demo"], "out": "x", "lr_typo": 1})
+    with pytest.raises(ConfigError, match="unknown key.*lr_typo"):
+        from_dict(TextualConfig, {"data": ["demo"], "out": "x", "lr_typo": 1})
+    with pytest.raises(ConfigError, match="'steps' must be an integer"):
+        from_dict(TextualConfig, {"data": ["demo"], "out": "x", "steps": "9"})
     with pytest.raises(DatasetError, match="Unknown dataset"):
         parse_source("nosuchset")
     with pytest.raises(StoreError):
         parse_source("store:")
-    with pytest.raises(TextualConfigError, match="--mapper"):
+    with pytest.raises(ConfigError, match="set mapper"):
         train_cleaner(TextualConfig(data=("demo",), out="x"))
 
 

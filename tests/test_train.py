@@ -21,8 +21,9 @@ from tdr.cache.errors import TdrError
 from tdr.cache.ingest import ingest
 from tdr.cache.transfer import import_guidance
 from tdr.guided.backbones import build_backbone, load_backbone_checkpoint
-from tdr.guided.checkpoint import load_file
-from tdr.guided.config import ConfigError, TrainConfig, from_mapping, load_toml, section
+from tdr.runs.checkpoint import load as load_file
+from tdr.guided.config import ConfigError, TrainConfig
+from tdr.runs.config import from_dict, load_toml, section
 from tdr.guided.evaluate import load_run
 from tdr.guided.train import train
 
@@ -70,7 +71,7 @@ def test_train_writes_run_and_learns(store, tmp_path):
     assert saved["backbone"] == "nafnet-test" and saved["guidance"] == "cache" and saved["group"]
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert {"schema", "config", "step", "model", "optimizer", "scheduler", "rng", "ema"} <= set(ckpt)
-    assert ckpt["schema"] == 2 and ckpt["step"] == 3
+    assert ckpt["schema"] == 3 and ckpt["step"] == 3
     assert all(math.isfinite(v) for v in result.losses) and len(result.losses) == 3
     assert result.val and result.val[-1]["step"] == 3 and math.isfinite(result.val[-1]["psnr"])
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -96,7 +97,7 @@ def test_resume_is_exact(store, tmp_path):
     with pytest.raises(Interrupt):
         train(cfg(store, tmp_path / "b", iters=6, ema=0.9, save_every=3), progress=stop_at_4)
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 3
-    with pytest.raises(TdrError, match="--resume"):
+    with pytest.raises(TdrError, match="resume"):
         train(cfg(store, tmp_path / "b", iters=6, ema=0.9))
     with pytest.raises(TdrError, match="lr"):
         train(cfg(store, tmp_path / "b", iters=6, ema=0.9, lr=0.1, resume=True))
@@ -205,12 +206,12 @@ sys.exit(1 if bad else 0)
 def test_config_file_and_unknown_keys(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[train]\nbackbone = "nafnet-test"\niters = 7\nbetas = [0.9, 0.99]\n')
-    config = from_mapping(TrainConfig, section(load_toml(path), "train"))
+    config = from_dict(TrainConfig, section(load_toml(path), "train"))
     assert config.iters == 7 and config.betas == (0.9, 0.99)
     with pytest.raises(ConfigError, match="unknown key"):
-        from_mapping(TrainConfig, {"iter": 3})
+        from_dict(TrainConfig, {"iter": 3})
     with pytest.raises(ConfigError, match="integer"):
-        from_mapping(TrainConfig, {"iters": "3"})
+        from_dict(TrainConfig, {"iters": "3"})
     assert replace(config, lr=2e-3).lrs == (2e-3, 1e-3)
 
 
@@ -228,7 +229,8 @@ def test_cli_train_then_eval(store, tmp_path):
     assert res.exit_code == 0, res.output
     assert "run " in res.stdout and (run / "last.pt").is_file()
     saved = json.loads((run / "config.json").read_text())
-    assert saved["patch"] == 32 and saved["match"] == "encoder" and saved["transfer"] == "patch"
+    assert saved["patch"] == 32 and saved["aggregation"]["match_features"] == "encoder"
+    assert saved["aggregation"]["transfer"] == "patch"
     assert saved["alpha_lr"] == 0.01
     model, _ = load_run(run / "last.pt")  # eval rebuilds the aggregation the run trained
     assert model.agg.config.match_features == "encoder" and model.agg.config.transfer == "patch"
@@ -253,7 +255,7 @@ def test_cli_train_then_eval(store, tmp_path):
     (["--store", "/nonexistent/x.zarr"], "No tdr store"),
     (["--patch", "500"], "smaller than --patch"),
     (["--guidance", "clean"], "guidance must be one of"),
-    (["--match", "pixels"], "match must be one of image, encoder"),
+    (["--match", "pixels"], "match_features must be one of image, encoder"),
     (["--transfer", "nearest"], "transfer must be one of bilinear, patch"),
 ])
 def test_cli_bad_inputs(store, tmp_path, args, needle):
@@ -308,7 +310,7 @@ def test_training_stops_on_a_damaged_chunk_and_keeps_its_steps(store, tmp_path, 
     with pytest.raises(DataIntegrityError) as exc:
         train(cfg(url, tmp_path / "run", iters=8, workers=workers))
     text = str(exc.value)
-    assert "\n" not in text and f"'{open_store(url)['train'].ids[row]}'" in text and "--resume" in text
+    assert "\n" not in text and f"'{open_store(url)['train'].ids[row]}'" in text and "resume" in text
     assert "tdr generate-guidance" in text or "import-guidance" in text
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 2
 
@@ -358,12 +360,12 @@ def test_path_options_are_checked_before_any_work(store, tmp_path, monkeypatch):
     a_file.write_text("x")
     res = runner.invoke(app, ["train", "--backbone", "nafnet-test", "--store", store, "--out", str(a_file),
                               "--iters", "1", "--patch", "32"])
-    _one_line_error(res, "--out", "is a file")
+    _one_line_error(res, "out ", "is a file")
     run = tmp_path / "run"
     train(cfg(store, run, iters=1))
     ckpt = str(run / "last.pt")
     res = runner.invoke(app, ["eval", "--checkpoint", ckpt, "--store", store, "--grids", "1", "--out", str(a_file)])
-    _one_line_error(res, "--out", "is a file")
+    _one_line_error(res, "out ", "is a file")
     monkeypatch.setattr(evaluate_mod, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
     res = runner.invoke(app, ["eval", "--checkpoint", ckpt, "--store", store, "--json", str(tmp_path)])
     _one_line_error(res, "--json", "is a folder")

@@ -23,6 +23,7 @@ class AggregationConfig:
     on G at the input's scale). Defaults measured on the demo ablation (bench/guidance_ablation.py).
     """
 
+    fuse: str = "enc+dec"  # where guidance is fused: encoder, decoder or both (paper Table 10: both best)
     nf: int | None = None  # shared-encoder channels at full scale; None: half the backbone's width, ≥ 8
     encoder_blocks: int = 1  # residual blocks per encoder level (paper: 4 at the backbone's width)
     layout: str = "center"  # what the guidance shows when no box is given: "center" square or "full" frame
@@ -51,8 +52,8 @@ class AggregationConfig:
     chunk_elements: int = 1 << 24  # masa: bound on the elements of one similarity chunk (64 MiB in fp32)
 
     def __post_init__(self):
-        for name, choices in (("layout", LAYOUTS), ("search", SEARCHES), ("transfer", TRANSFERS),
-                              ("match_features", MATCH_FEATURES)):
+        for name, choices in (("fuse", FUSE_MODES), ("layout", LAYOUTS), ("search", SEARCHES),
+                              ("transfer", TRANSFERS), ("match_features", MATCH_FEATURES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, not {getattr(self, name)!r}")
         if self.radius < 0 or self.block_size < 1 or self.encoder_blocks < 0 or self.chunk_elements < 1:

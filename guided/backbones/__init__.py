@@ -46,20 +46,25 @@ BACKBONES: dict[str, Callable[..., Restorer]] = {
 }
 
 
-def build_backbone(name: str, *, guided: bool = True, fuse: str = "enc+dec",
-                   aggregation: AggregationConfig | None = None, **overrides) -> Restorer:
+def build_backbone(name: str, *, guided: bool = True, aggregation: AggregationConfig | None = None,
+                   **overrides) -> Restorer:
     """Build backbone ``name`` (see ``BACKBONES``); ``overrides`` replace the factory's arguments.
 
-    guided: add the dynamic aggregation (under ``agg.``); fuse: "enc", "dec" or "enc+dec" (paper
-    Table 10: enc+dec best); aggregation: matching/fusion settings (default ``AggregationConfig()``).
+    guided: add the dynamic aggregation (under ``agg.``); aggregation: its settings, where it fuses
+    included (default ``AggregationConfig()``).
     """
+    return backbone_factory(name)(guided=guided, aggregation=aggregation, **overrides)
+
+
+def backbone_factory(name: str) -> Callable[..., Restorer]:
+    """The factory of backbone ``name``; an unknown name is an error listing the choices."""
     try:
-        factory = BACKBONES[name]
+        return BACKBONES[name]
     except KeyError:
         raise UnknownBackboneError(
             f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
-    return factory(guided=guided, fuse=fuse, aggregation=aggregation, **overrides)
 
 
 __all__ = ["BACKBONES", "AggregationConfig", "CheckpointMismatchError", "DRSformer", "NAFNet", "PromptIR",
-           "Restorer", "Restormer", "SFNet", "UnknownBackboneError", "build_backbone", "load_backbone_checkpoint"]
+           "Restorer", "Restormer", "SFNet", "UnknownBackboneError", "backbone_factory", "build_backbone",
+           "load_backbone_checkpoint"]

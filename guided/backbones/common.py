@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...cache.errors import TdrError
-from ..aggregation import FUSE_MODES, AggregationConfig, BlockFactory, DynamicAggregation
+from ..aggregation import AggregationConfig, BlockFactory, DynamicAggregation
 
 AGG_PREFIX = "agg."
 
@@ -53,12 +53,12 @@ class Restorer(nn.Module):
 
     multiple: int = 1  # input sides are padded to a multiple of this
 
-    def _attach_aggregation(self, guided: bool, fuse: str, config: AggregationConfig | None, levels: int,
+    def _attach_aggregation(self, guided: bool, config: AggregationConfig | None, levels: int,
                             points: Mapping[str, tuple[int, int]], block: BlockFactory, width: int) -> None:
-        if fuse not in FUSE_MODES:
-            raise ValueError(f"fuse must be one of {', '.join(FUSE_MODES)}, not {fuse!r}")
+        config = config or AggregationConfig()
         self.multiple = max(self.multiple, 2 ** levels)
-        self.agg = DynamicAggregation(levels, points, block, fuse=fuse, config=config, width=width) if guided else None
+        self.agg = (DynamicAggregation(levels, points, block, fuse=config.fuse, config=config, width=width)
+                    if guided else None)
 
     @property
     def guided(self) -> bool:

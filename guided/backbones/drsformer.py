@@ -187,7 +187,7 @@ class DRSformer(Restorer):
     def __init__(self, inp_channels: int = 3, out_channels: int = 3, dim: int = 48,
                  num_blocks: Sequence[int] = (4, 6, 6, 8), heads: Sequence[int] = (1, 2, 4, 8),
                  ffn_expansion_factor: float = 2.66, bias: bool = False, layer_norm_type: str = "WithBias",
-                 mefc: bool = True, *, guided: bool = False, fuse: str = "enc+dec",
+                 mefc: bool = True, *, guided: bool = False,
                  aggregation: AggregationConfig | None = None):
         super().__init__()
         args = (ffn_expansion_factor, bias, layer_norm_type)
@@ -212,7 +212,7 @@ class DRSformer(Restorer):
         self.refinement = subnet(dim * 2) if mefc else nn.Identity()
         self.output = nn.Conv2d(dim * 2, out_channels, 3, padding=1, bias=bias)
         block = lambda c, level: TransformerBlock(c, heads[level], *args)  # noqa: E731
-        self._attach_aggregation(guided, fuse, aggregation, 3, restormer_points(dim), block, dim)
+        self._attach_aggregation(guided, aggregation, 3, restormer_points(dim), block, dim)
 
     def restore(self, inp, aligned):
         f = lambda name, t: self.fuse(name, t, aligned)  # noqa: E731

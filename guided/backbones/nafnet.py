@@ -74,7 +74,7 @@ class NAFNet(Restorer):
 
     def __init__(self, img_channel: int = 3, width: int = 16, middle_blk_num: int = 1,
                  enc_blk_nums: Sequence[int] = (1, 1, 1, 28), dec_blk_nums: Sequence[int] = (1, 1, 1, 1), *,
-                 guided: bool = False, fuse: str = "enc+dec", aggregation: AggregationConfig | None = None):
+                 guided: bool = False, aggregation: AggregationConfig | None = None):
         super().__init__()
         self.intro = nn.Conv2d(img_channel, width, 3, padding=1)
         self.ending = nn.Conv2d(width, img_channel, 3, padding=1)
@@ -95,7 +95,7 @@ class NAFNet(Restorer):
         points = {f"enc{i}": (i, width * 2 ** i) for i in range(levels)}
         points["mid"] = (levels, width * 2 ** levels)
         points.update({f"dec{j}": (levels - 1 - j, width * 2 ** (levels - 1 - j)) for j in range(levels)})
-        self._attach_aggregation(guided, fuse, aggregation, levels, points, lambda c, level: NAFBlock(c), width)
+        self._attach_aggregation(guided, aggregation, levels, points, lambda c, level: NAFBlock(c), width)
 
     def restore(self, inp, aligned):
         x = self.intro(inp)

@@ -53,7 +53,7 @@ class PromptIR(Restorer):
                  heads: Sequence[int] = (1, 2, 4, 8), ffn_expansion_factor: float = 2.66, bias: bool = False,
                  layer_norm_type: str = "WithBias", prompt_dims: Sequence[int] = (64, 128, 320),
                  prompt_sizes: Sequence[int] = (64, 32, 16), prompt_len: int = 5, reduced_prompt3: int = 256, *,
-                 guided: bool = False, fuse: str = "enc+dec", aggregation: AggregationConfig | None = None):
+                 guided: bool = False, aggregation: AggregationConfig | None = None):
         super().__init__()
         args = (ffn_expansion_factor, bias, layer_norm_type)
         p1, p2, p3 = prompt_dims
@@ -96,7 +96,7 @@ class PromptIR(Restorer):
         self.refinement = transformer_stage(dim * 2, num_refinement_blocks, heads[0], *args)
         self.output = nn.Conv2d(dim * 2, out_channels, 3, padding=1, bias=bias)
         block = lambda c, level: TransformerBlock(c, heads[level], *args)  # noqa: E731
-        self._attach_aggregation(guided, fuse, aggregation, 3, restormer_points(dim), block, dim)
+        self._attach_aggregation(guided, aggregation, 3, restormer_points(dim), block, dim)
 
     @staticmethod
     def _interact(x, prompt_block, transformer, reduce):

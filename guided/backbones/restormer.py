@@ -165,7 +165,7 @@ class Restormer(Restorer):
     def __init__(self, inp_channels: int = 3, out_channels: int = 3, dim: int = 48,
                  num_blocks: Sequence[int] = (4, 6, 6, 8), num_refinement_blocks: int = 4,
                  heads: Sequence[int] = (1, 2, 4, 8), ffn_expansion_factor: float = 2.66, bias: bool = False,
-                 layer_norm_type: str = "WithBias", *, guided: bool = False, fuse: str = "enc+dec",
+                 layer_norm_type: str = "WithBias", *, guided: bool = False,
                  aggregation: AggregationConfig | None = None):
         super().__init__()
         args = (ffn_expansion_factor, bias, layer_norm_type)
@@ -188,7 +188,7 @@ class Restormer(Restorer):
         self.refinement = transformer_stage(dim * 2, num_refinement_blocks, heads[0], *args)
         self.output = nn.Conv2d(dim * 2, out_channels, 3, padding=1, bias=bias)
         block = lambda c, level: TransformerBlock(c, heads[level], *args)  # noqa: E731
-        self._attach_aggregation(guided, fuse, aggregation, 3, restormer_points(dim), block, dim)
+        self._attach_aggregation(guided, aggregation, 3, restormer_points(dim), block, dim)
 
     def restore(self, inp, aligned):
         f = lambda name, t: self.fuse(name, t, aligned)  # noqa: E731

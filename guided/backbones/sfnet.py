@@ -184,7 +184,7 @@ class SFNet(Restorer):
 
     multiple = 8  # two downsamplings, then 2×2 quadrants
 
-    def __init__(self, width: int = 32, num_res: int = 16, *, guided: bool = False, fuse: str = "enc+dec",
+    def __init__(self, width: int = 32, num_res: int = 16, *, guided: bool = False,
                  aggregation: AggregationConfig | None = None):
         super().__init__()
         c = width
@@ -199,7 +199,7 @@ class SFNet(Restorer):
         self.FAM1, self.SCM1 = FAM(c * 4), SCM(c * 4)
         self.FAM2, self.SCM2 = FAM(c * 2), SCM(c * 2)
         points = {"enc0": (0, c), "enc1": (1, c * 2), "mid": (2, c * 4), "dec0": (1, c * 2), "dec1": (0, c)}
-        self._attach_aggregation(guided, fuse, aggregation, 2, points, lambda ch, level: ResBlock(ch, ch), width)
+        self._attach_aggregation(guided, aggregation, 2, points, lambda ch, level: ResBlock(ch, ch), width)
 
     def _pyramid(self, x, aligned):
         f = lambda name, t: self.fuse(name, t, aligned)  # noqa: E731
