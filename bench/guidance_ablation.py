@@ -36,13 +36,13 @@ import torch
 
 from tdr.cache import open_store
 from tdr.cache.ingest import ingest
-from tdr.guided.aggregation import guidance_box
+from tdr.guided.aggregation import AggregationConfig, guidance_box
 from tdr.guided.backbones import build_backbone, load_backbone_checkpoint
-from tdr.guided.checkpoint import build_model, load_file
 from tdr.guided.config import EvalConfig, TrainConfig, resolve_search
 from tdr.guided.evaluate import evaluate, load_run, restore, to_tensor
 from tdr.guided.synthetic import make_guidance, match_hits
 from tdr.guided.train import train
+from tdr.runs.checkpoint import load as load_checkpoint
 
 SECTION = "## Guidance ablation (demo, CPU)"
 STAND_INS = {"aligned": "aligned-content", "views": "content views", "unrelated": "unrelated"}
@@ -130,7 +130,8 @@ def main() -> None:
             train(TrainConfig(out=str(out), **{**common, **kw}))
             secs = time.perf_counter() - t
         res = evaluate(EvalConfig(checkpoint=str(last), store=url, split="test", limit=args.eval_images))
-        search = json.loads((out / "config.json").read_text())["search"] if kw.get("guidance") != "none" else "—"
+        search = json.loads((out / "config.json").read_text())["aggregation"]["search"] \
+            if kw.get("guidance") != "none" else "—"
         print(f"{name:>10}: {res.psnr:.2f} dB (input {res.input_psnr:.2f}), {kw.get('iters')} iters, search {search}, "
               f"{secs:.0f} s", flush=True)
         return {"psnr": res.psnr, "ssim": res.ssim, "input": res.input_psnr, "iters": kw.get("iters"), "s": secs,
@@ -142,8 +143,8 @@ def main() -> None:
     for kind in ("aligned", "views"):  # matching at initialisation: the model the trainer builds under --init
         provenance = open_store(url).guidance(groups[kind]).provenance
         torch.manual_seed(args.seed)
-        fresh = build_model(args.backbone, guided=True, search=resolve_search("auto", provenance))
-        load_backbone_checkpoint(fresh, load_file(init))
+        fresh = build_backbone(args.backbone, aggregation=AggregationConfig(search=resolve_search("auto", provenance)))
+        load_backbone_checkpoint(fresh, load_checkpoint(init))
         matches[kind] = {"init": match_accuracy(fresh.eval(), url, groups[kind], truth[kind], args.eval_images)}
         print(f"matches at init, {kind}: {matches[kind]['init']}", flush=True)
     plan = {"none": dict(guidance="none"), "degraded": dict(guidance="degraded")}
