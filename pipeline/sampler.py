@@ -3,7 +3,8 @@
 DDIM (Song et al., "Denoising Diffusion Implicit Models", ICLR 2021), eta = 0, the step itself from
 diffusers' :class:`~diffusers.DDIMScheduler`; classifier-free guidance (Ho & Salimans, 2022):
 ``eps = eps_u + s * (eps_c - eps_u)`` from ONE UNet call on the concatenated [uncond; cond] batch.
-Paper settings (Lin et al., CVPR 2024): SD-2.1-base training schedule, 200 steps, s = 5, 512^2 output.
+Paper settings (Lin et al., CVPR 2024): SD-2.1-base training schedule; steps, s and the output size are
+:class:`tdr.pipeline.settings.SamplingSettings`'.
 
 Initial noise is a function of (run seed, image id) only: each image draws its own (C, h, w) fp32 normal
 sample on the CPU from ``torch.Generator().manual_seed(noise_seed(seed, image_id))``, so its guidance does
@@ -61,8 +62,8 @@ def ddim_sample(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     *,
-    steps: int = 200,
-    scale: float = 5.0,
+    steps: int,
+    scale: float,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """DDIM (eta 0) + CFG from ``latents`` (B,C,h,w) x_T (fp32) to x_0 latents (B,C,h,w) fp32.
