@@ -28,8 +28,8 @@ from typing import Any, Mapping, Sequence
 from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from ..cache import claims, open_store
-from .generate import (GenerateSummary, Job, ProgressFn, batches_in_random_order, begin, copy_all, read_images, sample,
-                       select, stored_texts, write_jobs)
+from .generate import (GenerateSummary, Job, ProgressFn, batches_in_random_order, begin, copy_known, failure_lines,
+                       read_images, sample, select, stored_texts, write_jobs)
 from .settings import BATCH_SIZE, ModelSpec, SamplingSettings
 
 PLUGIN_NAME = "tdr-guidance-models"
@@ -128,10 +128,8 @@ def generate_distributed(client: Client, spec: ModelSpec, url: str, splits: Sequ
     if not work.todo:
         return summary
     start = time.perf_counter()
-    summary.copied, bad = copy_all(gs, work.copies)
-    summary.done = summary.copied
     views = {s: store[s] for s in splits}
-    jobs = work.jobs + [Job(views[s].lq_sha(i).tobytes().hex(), ((s, i),)) for s, i in bad]
+    jobs = copy_known(gs, views, work, summary)
     token = claims.new_token()
     options = dict(storage_options) if storage_options else None
 
@@ -148,8 +146,7 @@ def generate_distributed(client: Client, spec: ModelSpec, url: str, splits: Sequ
         try:
             result = future.result()
         except Exception as exc:
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            summary.failed += [f"{s}/{views[s].ids[i]}: {why}" for j in batch for s, i in j.targets]
+            summary.failed += [line for j in batch for line in failure_lines(views, j, exc)]
         else:
             summary.done += result["written"]
             summary.sampled += result["sampled"]

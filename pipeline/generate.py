@@ -201,18 +201,16 @@ def batches_in_random_order(jobs: Sequence[Job], batch_size: int, rng: random.Ra
     return batches
 
 
-def copy_all(gs: GuidanceSet, copies: Sequence[tuple[Row, Row]]) -> tuple[int, list[Row]]:
-    """Copy guidance of equal pixels; returns (images written, targets whose source was unreadable)."""
-    n, bad = 0, []
-    for source, target in copies:
-        if copy_guidance(gs, source, gs, target):
-            n += 1
-        else:
-            bad.append(target)
-    return n, bad
+def copy_known(gs: GuidanceSet, views: Mapping[str, Split], work: Plan, summary: GenerateSummary) -> list[Job]:
+    """Copy guidance of equal pixels (counted in ``summary``); returns the jobs to sample: the plan's, and one
+    for each target whose copy source was unreadable."""
+    bad = [target for source, target in work.copies if not copy_guidance(gs, source, gs, target)]
+    summary.copied = summary.done = len(work.copies) - len(bad)
+    return work.jobs + [Job(views[s].lq_sha(i).tobytes().hex(), ((s, i),)) for s, i in bad]
 
 
-def _failure(views: Mapping[str, Split], job: Job, exc: BaseException) -> list[str]:
+def failure_lines(views: Mapping[str, Split], job: Job, exc: BaseException) -> list[str]:
+    """One report line per target of a job that failed: ``split/id: first line of the error``."""
     why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return [f"{s}/{views[s].ids[i]}: {why}" for s, i in job.targets]
 
@@ -258,9 +256,7 @@ def generate(store: Store, splits: Sequence[str], pipe, settings: SamplingSettin
         return summary
     views = {s: store[s] for s in splits}
     start = time.perf_counter()
-    summary.copied, bad = copy_all(gs, work.copies)
-    summary.done = summary.copied
-    jobs = work.jobs + [Job(str(views[s].lq_sha(i).tobytes().hex()), ((s, i),)) for s, i in bad]
+    jobs = copy_known(gs, views, work, summary)
 
     def tick() -> None:
         if progress:
@@ -353,7 +349,7 @@ def _run(gs, views, pipe, settings, batches, token, respect_claims, summary, tic
             except (KeyboardInterrupt, MemoryError):
                 raise
             except Exception as exc:  # one bad batch does not stop the job; it is reported and retried next run
-                summary.failed += [line for j in ready for line in _failure(views, j, exc)]
+                summary.failed += [line for j in ready for line in failure_lines(views, j, exc)]
                 claims.release(gs, [r for j in ready for r in j.targets])
                 out = None
             if pending is not None:

@@ -27,7 +27,7 @@ from .attention import install_mapper_kv, select_backend
 from .clip import encode_image, preprocess
 from .injection import encode_prompt
 from .loading import GuidanceModels
-from .sampler import ddim_sample, decode_float, initial_noise, latent_scale, make_scheduler, to_uint8
+from .sampler import DECODE_CHUNK, ddim_sample, decode_float, initial_noise, latent_scale, make_scheduler, to_uint8
 from .settings import SamplingSettings
 from .sources import TextualSource
 
@@ -60,7 +60,7 @@ class GuidancePipeline:
         attention: str = "auto",
         compile: bool | str = False,
         batch_invariant: bool | None = None,
-        decode_chunk: int = 8,
+        decode_chunk: int = DECODE_CHUNK,
     ):
         self.models = models
         self.source = source or TextualSource()

@@ -33,6 +33,9 @@ PAPER_SCHEDULER_CONFIG = {
 }
 
 
+DECODE_CHUNK = 8  # latents per VAE decode call: bounds decoder activation memory at 512²
+
+
 def make_scheduler(config: dict | None = None) -> DDIMScheduler:
     """A fresh DDIM scheduler (one per sampling call: schedulers hold per-call state)."""
     return DDIMScheduler.from_config({**PAPER_SCHEDULER_CONFIG, **(config or {})})
@@ -92,7 +95,7 @@ def ddim_sample(
     return latents
 
 
-def decode_float(vae, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+def decode_float(vae, latents: torch.Tensor, chunk: int = DECODE_CHUNK) -> torch.Tensor:
     """x_0 latents (B,C,h,w) -> images (B,3,H,W) float32 in [0,1]; decoded ``chunk`` at a time."""
     dtype = next(vae.parameters()).dtype
     z = latents / vae.config.scaling_factor  # 0.18215 for SD

@@ -10,7 +10,7 @@ This module imports neither torch nor diffusers, so the command line can show th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ..cache.errors import TdrError
 from ..cache.store import GUIDANCE_SIZE, LAYOUTS
@@ -84,7 +84,7 @@ class ModelSpec:
     threads: int | None = None  # torch intra-op threads per CPU worker (None: torch's default)
     source: str = DEFAULT_SOURCE  # a name of tdr.pipeline.sources.SOURCES
     caption_model: str | None = None  # caption source: image-to-text model (None: CAPTION_MODEL)
-    caption_words: tuple[str, ...] = field(default=())  # caption source: words added to the degradation list
+    caption_words: tuple[str, ...] = ()  # caption source: words added to the degradation list
 
     def __post_init__(self):
         from .sources import SOURCES
