@@ -21,6 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .cache.errors import TdrError
+from .pipeline.settings import BATCH_SIZE, CAPTION_MODEL, PRESETS, ModelSpec, SamplingSettings
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -557,11 +558,6 @@ def _quiet_model_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-TINY_SIZE = 64  # default guidance side of the tiny preset (tests and the demo use it): at 512² its UNet's
-# self-attention over 64² latent tokens made it ~10 s/image on a CPU (BENCHMARKS.md)
-
-
 @app.command("generate-guidance")
 @user_errors
 def generate_guidance(
@@ -569,25 +565,25 @@ def generate_guidance(
     store: str = typer.Option(..., "--store", help="Store location: a local path or an fsspec URL."),
     root: Optional[Path] = typer.Option(None, "--root", help="Dataset folder, to ingest it if the store lacks it."),
     split: Optional[str] = typer.Option(None, "--split", help="Comma-separated splits (default: all)."),
-    steps: int = typer.Option(200, "--steps", min=1, help="DDIM steps (paper: 200)."),
-    scale: float = typer.Option(5.0, "--scale", help="Classifier-free guidance scale (paper: 5)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per batch."),
-    seed: int = typer.Option(0, "--seed", help="Run seed; each image's noise comes from (seed, sha256 of its degraded pixels)."),
-    layout: str = typer.Option("center", "--layout", help="center: the centre square (paper); full: whole frame."),
+    steps: int = typer.Option(SamplingSettings.steps, "--steps", min=1, help="DDIM steps (default: the paper's)."),
+    scale: float = typer.Option(SamplingSettings.scale, "--scale", help="Classifier-free guidance scale (default: the paper's)."),
+    batch_size: int = typer.Option(BATCH_SIZE, "--batch-size", min=1, help="Images per batch."),
+    seed: int = typer.Option(SamplingSettings.seed, "--seed", help="Run seed; each image's noise comes from (seed, sha256 of its degraded pixels)."),
+    layout: str = typer.Option(SamplingSettings.layout, "--layout", help="center: the centre square (paper); full: whole frame."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Generate at most N images in this run."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="fp16, bf16 or fp32 (default: fp16 on GPU, fp32 on CPU)."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet (pays off for large jobs on GPU)."),
-    sd_model: str = typer.Option("stabilityai/stable-diffusion-2-1-base", "--sd-model", help="Hub id or local folder (diffusers layout)."),
-    clip_model: str = typer.Option("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "--clip-model", help="Hub id or local folder."),
-    source: str = typer.Option("textual", "--source", help="Guidance source: textual (mapper + cleaner, the method), mapper-only (no cleaner) or caption (BLIP-2 caption without degradation words; no training)."),
-    caption_model: Optional[str] = typer.Option(None, "--caption-model", help="--source caption: image-to-text model, hub id or folder (default Salesforce/blip2-opt-2.7b)."),
+    compile: bool = typer.Option(ModelSpec.compile, "--compile", help="torch.compile the UNet (pays off for large jobs on GPU)."),
+    sd_model: str = typer.Option(ModelSpec.sd_model, "--sd-model", help="Hub id or local folder (diffusers layout)."),
+    clip_model: str = typer.Option(ModelSpec.clip_model, "--clip-model", help="Hub id or local folder."),
+    source: str = typer.Option(ModelSpec.source, "--source", help="Guidance source: textual (mapper + cleaner, the method), mapper-only (no cleaner) or caption (BLIP-2 caption without degradation words; no training)."),
+    caption_model: Optional[str] = typer.Option(None, "--caption-model", help=f"--source caption: image-to-text model, hub id or folder (default {CAPTION_MODEL})."),
     caption_words: Optional[Path] = typer.Option(None, "--caption-words", help="--source caption: file of extra degradation words/phrases, one per line."),
     mapper: Optional[str] = typer.Option(None, "--mapper", help="Mapper: train-mapper's last.pt, its pretrained/ folder, or a Hub id in the HF cache."),
     cleaner: Optional[str] = typer.Option(None, "--cleaner", help="Cleaner: train-cleaner's last.pt, its pretrained/ folder, or a Hub id in the HF cache."),
-    preset: str = typer.Option("full", "--preset", help="full: real models; tiny: tiny random models (tests, demo)."),
-    allow_untrained: bool = typer.Option(False, "--allow-untrained", help="Run real models with a random mapper/cleaner."),
-    size: Optional[int] = typer.Option(None, "--size", min=64, help="Guidance side in pixels (default: 512, SD-2.1-base's; 64 with --preset tiny, whose random models make no pictures worth a 512² attention cost)."),
+    preset: str = typer.Option(ModelSpec.preset, "--preset", help="full: real models; tiny: tiny random models (tests, demo)."),
+    allow_untrained: bool = typer.Option(ModelSpec.allow_untrained, "--allow-untrained", help="Run real models with a random mapper/cleaner."),
+    size: Optional[int] = typer.Option(None, "--size", min=64, help=f"Guidance side in pixels (default: {PRESETS['full']}, SD-2.1-base's; {PRESETS['tiny']} with --preset tiny, whose random models make no pictures worth a {PRESETS['full']}² attention cost)."),
     force: bool = typer.Option(False, "--force", help="Add a new guidance group if the store holds other guidance."),
     workers: int = typer.Option(0, "--workers", min=0, help="Sample on N local dask workers (one per GPU; CPU processes without GPUs); 0: in this process."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Sample on a running dask cluster, e.g. tcp://10.0.0.5:8786 (SLURM: see README)."),
@@ -600,78 +596,28 @@ def generate_guidance(
     Each --source writes its own guidance group in the store (pick one with 'tdr train --group');
     --source caption also stores every image's raw and cleaned caption ('tdr cache captions').
     """
-    if layout not in ("center", "full"):
-        raise typer.BadParameter("must be 'center' or 'full'", param_hint="--layout")
-    if dtype is not None and dtype not in DTYPES:
-        raise typer.BadParameter("must be fp16, bf16 or fp32", param_hint="--dtype")
-    if preset not in ("full", "tiny"):
-        raise typer.BadParameter("must be 'full' or 'tiny'", param_hint="--preset")
-    from .pipeline.sources import SOURCES
-
-    if source not in SOURCES:
-        raise typer.BadParameter(f"must be one of {', '.join(SOURCES)}", param_hint="--source")
-    if source != "caption" and (caption_model or caption_words):
-        raise typer.BadParameter("only with --source caption", param_hint="--caption-model/--caption-words")
-    unused = [flag for flag, value, kind in (("--mapper", mapper, "mapper"), ("--cleaner", cleaner, "cleaner"))
-              if value and kind in SOURCES[source].without]
-    if unused:
-        raise typer.BadParameter(f"not used by --source {source}", param_hint="/".join(unused))
-    import torch
-
     _quiet_model_libraries()
-    from contextlib import ExitStack
-
-    from .pipeline import GuidancePipeline, load_components, source_fingerprint
     from .pipeline.degradation_words import load_word_file
-    from .pipeline.generate import SamplingSettings, generate, open_for_generation
-    from .pipeline.models import default_dtype
-    from .pipeline.sources import build_source
+    from .pipeline.generate import generate_guidance as generate
 
-    options = _options(storage_option)
-    size = size or (TINY_SIZE if preset == "tiny" else 512)
+    spec = ModelSpec(sd_model=sd_model, clip_model=clip_model, mapper=mapper, cleaner=cleaner, preset=preset,
+                     device=device, dtype=dtype, allow_untrained=allow_untrained, compile=compile, source=source,
+                     caption_model=caption_model, caption_words=load_word_file(caption_words) if caption_words else ())
     settings = SamplingSettings(steps=steps, scale=scale, seed=seed, layout=layout, size=size)
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    words = load_word_file(caption_words) if caption_words else ()
-    if dev.startswith("cuda") and not torch.cuda.is_available() and not scheduler:
-        raise TdrError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu.")
-    with ExitStack() as stack:
-        if workers or scheduler:  # models load once per dask worker; this process only plans and reports
-            from distributed import Client
+    with progress_bar("guidance") as update:
+        def report(event: dict) -> None:
+            if event["event"] == "ingest":
+                update(event["done"], event["total"], f"ingest {event['split']}")
+            elif event["event"] == "plan":
+                update(0, event["todo"], "guidance")
+            else:
+                update(event["done"], event["total"])
 
-            from .pipeline.distributed import ModelSpec, generate_distributed, load_on_workers, local_cluster
-
-            spec = ModelSpec(sd_model, clip_model, str(mapper) if mapper else None, str(cleaner) if cleaner else None,
-                             preset, device, DTYPES[dtype] if dtype else None, allow_untrained, compile,
-                             None if scheduler else torch.get_num_threads(),  # CPU: same threads, same bits
-                             source, caption_model, words)
-            client = stack.enter_context(Client(scheduler) if scheduler else Client(stack.enter_context(local_cluster(workers))))
-            model_fp = load_on_workers(client, spec)
-            run = functools.partial(generate_distributed, client, spec, store, storage_options=options,
-                                    model_fingerprint=model_fp)
-        else:
-            torch_dtype = getattr(torch, DTYPES[dtype]) if dtype else default_dtype(dev)
-            guidance_source = build_source(source, device=dev, dtype=torch_dtype, caption_model=caption_model,
-                                           caption_words=words)
-            models = load_components(sd_model, clip_model, mapper_ckpt=mapper, cleaner_ckpt=cleaner, device=dev,
-                                     dtype=torch_dtype, preset=preset, allow_untrained=allow_untrained,
-                                     without=guidance_source.without)
-        with progress_bar("ingest") as update:
-            st, splits = open_for_generation(store, dataset, str(root) if root else None, _split_list(split), options,
-                                             ingest_progress=lambda s, d, t: update(d, t, f"ingest {s}"))
-        if not (workers or scheduler):
-            run = functools.partial(generate, st, pipe=GuidancePipeline(models, source=guidance_source, compile=compile),
-                                    model_fingerprint=source_fingerprint(models, guidance_source))
-        with progress_bar("guidance") as update:
-            def report(event: dict) -> None:
-                if event["event"] == "plan":
-                    update(0, event["todo"])
-                else:
-                    update(event["done"], event["total"])
-
-            summary = run(splits=splits, settings=settings, batch_size=batch_size, limit=limit, force=force,
-                          progress=report)
+        summary = generate(store, dataset, spec, settings, root=root, splits=_split_list(split), batch_size=batch_size,
+                           limit=limit, force=force, workers=workers, scheduler=scheduler,
+                           storage_options=_options(storage_option), progress=report)
     if not summary.done and not summary.failed:
-        out.print(f"Nothing to do: all {summary.skipped} images of {', '.join(splits)} already have guidance "
+        out.print(f"Nothing to do: all {summary.skipped} images of {', '.join(summary.splits)} already have guidance "
                   f"(group {summary.group}).", highlight=False)
         return
     table = Table(title=f"guidance → {store} (group {summary.group}, attention {summary.attention})")

@@ -23,7 +23,8 @@ import torch
 
 from tdr.pipeline import GuidancePipeline
 from tdr.pipeline.injection import encode_injected
-from tdr.pipeline.models import (
+from tdr.pipeline.loading import models_from_parts
+from tdr.pipeline.presets import (
     SD21_BASE_UNET_CONFIG,
     SD21_TEXT_CONFIG,
     SD_VAE_CONFIG,
@@ -31,7 +32,6 @@ from tdr.pipeline.models import (
     TINY_VAE_CONFIG,
     TINY_VISION_CONFIG,
     VIT_H14_VISION_CONFIG,
-    models_from_parts,
     random_components,
 )
 from tdr.pipeline.sampler import initial_noise, latent_scale, make_scheduler

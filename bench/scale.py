@@ -17,8 +17,9 @@ from pathlib import Path
 
 from distributed import Client
 
-from tdr.pipeline.distributed import ModelSpec, generate_distributed, load_on_workers, local_cluster
-from tdr.pipeline.generate import SamplingSettings, open_for_generation
+from tdr.pipeline.distributed import generate_distributed, load_on_workers, local_cluster
+from tdr.pipeline.generate import open_for_generation
+from tdr.pipeline.settings import ModelSpec, SamplingSettings
 
 
 def rate(n_workers: int, spec: ModelSpec, settings: SamplingSettings, work: Path, images: int, batch: int) -> float:

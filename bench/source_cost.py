@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tdr.pipeline.cleaner import Cleaner, CleanerConfig
 from tdr.pipeline.mapper import Mapper, MapperConfig, cross_attention_layers
-from tdr.pipeline.models import SD21_BASE_UNET_CONFIG, SD21_TEXT_CONFIG, SD_VAE_CONFIG, VIT_H14_VISION_CONFIG
+from tdr.pipeline.presets import SD21_BASE_UNET_CONFIG, SD21_TEXT_CONFIG, SD_VAE_CONFIG, VIT_H14_VISION_CONFIG
 
 # Salesforce/blip2-opt-2.7b (its config.json): EVA ViT-g/14, a 12-layer Q-Former, OPT-2.7B
 BLIP2_OPT27_CONFIG = {

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from ..cache.errors import ModelNotFoundError, TdrError
+from .hub import TRANSFORMERS_WEIGHTS, quiet, resolve, weight_files
+from .settings import CAPTION_MODEL
 
-CAPTION_MODEL = "Salesforce/blip2-opt-2.7b"
 MAX_NEW_TOKENS = 30
 
 
@@ -56,18 +57,16 @@ class Captioner:
 def load_captioner(name: str | os.PathLike = CAPTION_MODEL, *, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32, max_new_tokens: int = MAX_NEW_TOKENS) -> Captioner:
     """Load an image-to-text model offline; one :class:`ModelNotFoundError` line naming it if it is missing."""
-    from .models import _TRANSFORMERS_WEIGHTS, _quiet, _resolve, _weight_files
-
-    root, where = _resolve(str(name))
+    root, where = resolve(str(name))
     how = f"pass --caption-model DIR or run `huggingface-cli download {name}`"
     if root is None:
         raise ModelNotFoundError(f"Caption model {str(name)!r}: {where}; {how}.")
-    files = _weight_files(root, _TRANSFORMERS_WEIGHTS)
+    files = weight_files(root, TRANSFORMERS_WEIGHTS)
     if not (root / "config.json").is_file() or not files:
         raise ModelNotFoundError(f"Caption model {str(name)!r}: no config.json and weights in {root}; {how}.")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    with _quiet():
+    with quiet():
         try:
             processor = AutoProcessor.from_pretrained(root, local_files_only=True)
             model = AutoModelForImageTextToText.from_pretrained(root, local_files_only=True, dtype=dtype)

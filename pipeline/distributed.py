@@ -4,8 +4,11 @@
     with local_cluster(2) as cluster, Client(cluster) as client:
         summary = generate_distributed(client, spec, url, ["test"], SamplingSettings(steps=2, size=64))
 
+(or, from one call that chooses the cluster: :func:`tdr.pipeline.generate.generate_guidance` with ``workers``
+or ``scheduler``.)
+
 A :class:`ModelsPlugin` (a dask ``WorkerPlugin``) loads the models once per worker from a
-:class:`ModelSpec`; each task samples one batch and writes its chunks straight into the shared store
+:class:`~tdr.pipeline.settings.ModelSpec`; each task samples one batch and writes its chunks straight into the shared store
 (local disk, shared file system or object store: every worker opens the same URL). The client plans the
 work (:func:`tdr.pipeline.generate.plan`), copies guidance of already-known pixels, submits the batches with
 ``retries=2`` and reports one aggregated progress from ``as_completed``. Noise comes from (seed, content
@@ -25,49 +28,12 @@ from typing import Any, Mapping, Sequence
 from distributed import Client, WorkerPlugin, as_completed, get_worker
 
 from ..cache import claims, open_store
-from .generate import (GenerateSummary, Job, ProgressFn, SamplingSettings, batches_in_random_order, begin, copy_all,
+from .generate import (GenerateSummary, Job, ProgressFn, batches_in_random_order, begin, copy_known, failure_lines,
                        read_images, sample, select, stored_texts, write_jobs)
+from .settings import BATCH_SIZE, ModelSpec, SamplingSettings
 
 PLUGIN_NAME = "tdr-guidance-models"
 ZARR_CONCURRENCY = 4  # per worker; total store I/O ≈ workers × this (STACK.md: zarr's default is 10 per process)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The arguments ``tdr generate-guidance`` loads its models from; picklable, sent to every worker."""
-
-    sd_model: str = "stabilityai/stable-diffusion-2-1-base"
-    clip_model: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    mapper: str | None = None
-    cleaner: str | None = None
-    preset: str = "full"
-    device: str | None = None        # None: cuda if the worker sees a GPU, else cpu
-    dtype: str | None = None         # "float16" | "bfloat16" | "float32"; None: fp16 on GPU, fp32 on CPU
-    allow_untrained: bool = False
-    compile: bool = False
-    threads: int | None = None       # torch intra-op threads per CPU worker (None: torch's default)
-    source: str = "textual"          # tdr.pipeline.sources name
-    caption_model: str | None = None  # caption source: image-to-text model (None: BLIP-2 opt-2.7b)
-    caption_words: tuple[str, ...] = ()  # caption source: words added to the degradation list
-
-    def load(self):
-        """(GuidancePipeline, model fingerprint) on this process's device."""
-        import torch
-
-        from . import GuidancePipeline, load_components, source_fingerprint
-        from .models import default_dtype
-        from .sources import build_source
-
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, self.dtype) if self.dtype else default_dtype(device)
-        source = build_source(self.source, device=device, dtype=dtype, caption_model=self.caption_model,
-                              caption_words=self.caption_words)
-        models = load_components(self.sd_model, self.clip_model, mapper_ckpt=self.mapper, cleaner_ckpt=self.cleaner,
-                                 device=device, dtype=dtype, preset=self.preset, allow_untrained=self.allow_untrained,
-                                 without=source.without)
-        return GuidancePipeline(models, source=source, compile=self.compile), source_fingerprint(models, source)
 
 
 class ModelsPlugin(WorkerPlugin):
@@ -146,7 +112,7 @@ def load_on_workers(client: Client, spec: ModelSpec) -> dict:
 
 def generate_distributed(client: Client, spec: ModelSpec, url: str, splits: Sequence[str],
                          settings: SamplingSettings, *, storage_options: Mapping[str, Any] | None = None,
-                         batch_size: int = 8, limit: int | None = None, force: bool = False, retries: int = 2,
+                         batch_size: int = BATCH_SIZE, limit: int | None = None, force: bool = False, retries: int = 2,
                          model_fingerprint: Mapping[str, Any] | None = None,
                          progress: ProgressFn | None = None) -> GenerateSummary:
     """Like :func:`tdr.pipeline.generate.generate`, with the batches sampled by the cluster's workers.
@@ -155,16 +121,15 @@ def generate_distributed(client: Client, spec: ModelSpec, url: str, splits: Sequ
     ``model_fingerprint``: from an earlier :func:`load_on_workers` with the same ``spec`` (else loads now).
     """
     model_fp = dict(model_fingerprint) if model_fingerprint is not None else load_on_workers(client, spec)
+    settings = settings.for_preset(spec.preset)
     store = open_store(url, "a", storage_options)
     gs, work, summary = begin(store, splits, settings, model_fp, limit=limit, force=force, attention="dask",
                               progress=progress)
     if not work.todo:
         return summary
     start = time.perf_counter()
-    summary.copied, bad = copy_all(gs, work.copies)
-    summary.done = summary.copied
     views = {s: store[s] for s in splits}
-    jobs = work.jobs + [Job(views[s].lq_sha(i).tobytes().hex(), ((s, i),)) for s, i in bad]
+    jobs = copy_known(gs, views, work, summary)
     token = claims.new_token()
     options = dict(storage_options) if storage_options else None
 
@@ -181,8 +146,7 @@ def generate_distributed(client: Client, spec: ModelSpec, url: str, splits: Sequ
         try:
             result = future.result()
         except Exception as exc:
-            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            summary.failed += [f"{s}/{views[s].ids[i]}: {why}" for j in batch for s, i in j.targets]
+            summary.failed += [line for j in batch for line in failure_lines(views, j, exc)]
         else:
             summary.done += result["written"]
             summary.sampled += result["sampled"]

@@ -1,4 +1,12 @@
-"""``generate()``: fill a store's guidance group, batch by batch, resumable and safe to run concurrently.
+"""Filling a store's guidance group, batch by batch, resumable and safe to run concurrently.
+
+:func:`generate_guidance` is the one call a researcher makes (a store URL, a dataset, a
+:class:`~tdr.pipeline.settings.ModelSpec`, :class:`~tdr.pipeline.settings.SamplingSettings`): it ingests
+missing splits, loads the models here or on dask workers (:mod:`tdr.pipeline.distributed`) and runs
+:func:`generate`, the local loop, or its distributed twin::
+
+    summary = generate_guidance("demo.zarr", "demo", ModelSpec(preset="tiny", device="cpu"),
+                                SamplingSettings(steps=2), splits=["test"], workers=2)
 
 Work is planned by content (:mod:`tdr.cache.merge`): an image whose degraded pixels already have guidance
 in this group — in any split — is copied, and equal pixels within the work are sampled once. Each image's
@@ -15,10 +23,12 @@ its own random order, rechecks right before sampling, and defers images another 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -26,22 +36,12 @@ import numpy as np
 from ..cache import captions, claims, open_store
 from ..cache.errors import StoreError
 from ..cache.merge import content_index, copy_guidance, rows_by_content
-from ..cache.store import GUIDANCE_SIZE, GuidanceSet, Split, Store
+from ..cache.store import GuidanceSet, Split, Store
+from .settings import BATCH_SIZE, ModelSpec, SamplingSettings, SettingsError
 
 ProgressFn = Callable[[dict], None]
 Row = tuple[str, int]  # (split, row)
 NOISE = "content-sha256"  # fingerprint entry: noise drawn from (seed, sha256 of the degraded pixels)
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """What, besides the models, determines guidance (SPEC §3: paper defaults)."""
-
-    steps: int = 200
-    scale: float = 5.0
-    seed: int = 0
-    layout: str = "center"
-    size: int = GUIDANCE_SIZE
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class Plan:
 @dataclass
 class GenerateSummary:
     group: str = ""
+    splits: list[str] = field(default_factory=list)  # the splits filled
     done: int = 0                # images whose guidance this run wrote (sampled or copied)
     sampled: int = 0             # distinct contents this run sampled
     copied: int = 0              # images filled by copying guidance of equal pixels
@@ -80,7 +81,7 @@ class GenerateSummary:
 
 
 def guidance_fingerprint(model_fingerprint: Mapping[str, Any], settings: SamplingSettings) -> dict:
-    """The store fingerprint: the models' (see ``pipeline.models.fingerprint``) plus sampling settings."""
+    """The store fingerprint: the models' (:func:`tdr.pipeline.fingerprints.fingerprint`) plus sampling settings."""
     fp = {("model_seed" if k == "seed" else k): v for k, v in model_fingerprint.items()}
     fp.update(steps=settings.steps, scale=float(settings.scale), seed=settings.seed, layout=settings.layout,
               noise=NOISE)
@@ -173,12 +174,10 @@ def sample(pipe, images: Sequence[np.ndarray], jobs: Sequence[Job], settings: Sa
     """(B, S, S, 3) uint8 guidance and the source's per-image texts; noise from (seed, content hash).
 
     ``pipe``: a :class:`~tdr.pipeline.GuidancePipeline`, or any callable with its ``__call__`` signature
-    (then no texts)."""
-    kw = dict(steps=settings.steps, scale=settings.scale, seed=settings.seed, layout=settings.layout,
-              size=settings.size)
+    (then no texts). ``settings.size`` must be settled (:meth:`SamplingSettings.for_preset`)."""
     if not hasattr(pipe, "generate"):
-        return pipe(list(images), [j.key for j in jobs], **kw), None
-    return pipe.generate(list(images), [j.key for j in jobs], texts=texts, **kw)
+        return pipe(list(images), [j.key for j in jobs], **asdict(settings)), None
+    return pipe.generate(list(images), [j.key for j in jobs], settings, texts=texts)
 
 
 def write_jobs(gs: GuidanceSet, jobs: Sequence[Job], images: np.ndarray, texts: Sequence[dict] | None = None) -> int:
@@ -202,18 +201,16 @@ def batches_in_random_order(jobs: Sequence[Job], batch_size: int, rng: random.Ra
     return batches
 
 
-def copy_all(gs: GuidanceSet, copies: Sequence[tuple[Row, Row]]) -> tuple[int, list[Row]]:
-    """Copy guidance of equal pixels; returns (images written, targets whose source was unreadable)."""
-    n, bad = 0, []
-    for source, target in copies:
-        if copy_guidance(gs, source, gs, target):
-            n += 1
-        else:
-            bad.append(target)
-    return n, bad
+def copy_known(gs: GuidanceSet, views: Mapping[str, Split], work: Plan, summary: GenerateSummary) -> list[Job]:
+    """Copy guidance of equal pixels (counted in ``summary``); returns the jobs to sample: the plan's, and one
+    for each target whose copy source was unreadable."""
+    bad = [target for source, target in work.copies if not copy_guidance(gs, source, gs, target)]
+    summary.copied = summary.done = len(work.copies) - len(bad)
+    return work.jobs + [Job(views[s].lq_sha(i).tobytes().hex(), ((s, i),)) for s, i in bad]
 
 
-def _failure(views: Mapping[str, Split], job: Job, exc: BaseException) -> list[str]:
+def failure_lines(views: Mapping[str, Split], job: Job, exc: BaseException) -> list[str]:
+    """One report line per target of a job that failed: ``split/id: first line of the error``."""
     why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return [f"{s}/{views[s].ids[i]}: {why}" for s, i in job.targets]
 
@@ -222,6 +219,7 @@ def begin(store: Store, splits: Sequence[str], settings: SamplingSettings, model
           limit: int | None, force: bool, attention: str, progress: ProgressFn | None):
     """Shared start of the local and the distributed run: the guidance group (refused if the store holds
     other settings), the plan, an empty summary, the ``plan`` progress event, the split arrays.
+    ``settings.size`` must be settled (:meth:`SamplingSettings.for_preset`).
 
     In a store holding only generated guidance, a source with no group yet gets its own group without
     ``force`` (it becomes the default, as any added group); other settings for a source already there, and
@@ -233,7 +231,7 @@ def begin(store: Store, splits: Sequence[str], settings: SamplingSettings, model
     new_source = bool(present) and present <= set(SOURCES) and source_of(fp) not in present
     gs = store.guidance_for(fp, size=settings.size, provenance="generated", force=force or new_source)
     work = plan(gs, splits, limit)
-    summary = GenerateSummary(group=gs.id, skipped=work.skipped, attention=attention)
+    summary = GenerateSummary(group=gs.id, splits=list(splits), skipped=work.skipped, attention=attention)
     if progress:
         progress({"event": "plan", "todo": work.todo, "skipped": work.skipped, "group": gs.id})
     if work.todo:
@@ -244,22 +242,21 @@ def begin(store: Store, splits: Sequence[str], settings: SamplingSettings, model
 
 # ---- the local loop ----------------------------------------------------------------------------------
 def generate(store: Store, splits: Sequence[str], pipe, settings: SamplingSettings, model_fingerprint: Mapping[str, Any],
-             *, batch_size: int = 8, limit: int | None = None, force: bool = False,
+             *, batch_size: int = BATCH_SIZE, limit: int | None = None, force: bool = False,
              progress: ProgressFn | None = None) -> GenerateSummary:
     """Generate the missing guidance of ``splits`` with ``pipe`` (a :class:`GuidancePipeline`).
 
     ``progress`` receives dicts: ``{"event": "plan", "todo": n, "skipped": k}``, then
     ``{"event": "batch", "done": d, "failed": f, "total": n}`` after each batch is written.
     """
+    settings = settings.for_preset(model_fingerprint.get("preset"))
     gs, work, summary = begin(store, splits, settings, model_fingerprint, limit=limit, force=force,
                               attention=getattr(pipe, "attention_backend", ""), progress=progress)
     if not work.todo:
         return summary
     views = {s: store[s] for s in splits}
     start = time.perf_counter()
-    summary.copied, bad = copy_all(gs, work.copies)
-    summary.done = summary.copied
-    jobs = work.jobs + [Job(str(views[s].lq_sha(i).tobytes().hex()), ((s, i),)) for s, i in bad]
+    jobs = copy_known(gs, views, work, summary)
 
     def tick() -> None:
         if progress:
@@ -272,6 +269,63 @@ def generate(store: Store, splits: Sequence[str], pipe, settings: SamplingSettin
          token, False, summary, tick)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+
+def generate_guidance(store: str, dataset: str, models: ModelSpec | None = None,
+                      settings: SamplingSettings | None = None, *, root: str | os.PathLike | None = None,
+                      splits: Sequence[str] | None = None, batch_size: int = BATCH_SIZE, limit: int | None = None,
+                      force: bool = False, workers: int = 0, scheduler: str | None = None,
+                      storage_options: Mapping[str, Any] | None = None,
+                      progress: ProgressFn | None = None) -> GenerateSummary:
+    """Fill the guidance of ``dataset``'s ``splits`` in the store at ``store`` (a path or fsspec URL); resumable.
+
+    ``models`` (default ``ModelSpec()``, the paper's) are loaded in this process, or once per
+    dask worker with ``workers`` > 0 (a local cluster: one worker per GPU, else CPU processes) or
+    ``scheduler`` (the address of a running cluster; every worker must reach ``store``). ``settings``
+    default to the paper's at the models' own size. Splits the store lacks are ingested from ``root``
+    first; ``splits`` None: every split already in the store, or all of the dataset for a new store.
+    ``force``: add a guidance group even if the store holds guidance of other settings.
+
+    Models are loaded before the store is touched, so a missing model writes nothing. ``progress``
+    receives dicts: ``{"event": "ingest", "split", "done", "total"}`` while ingesting, then the events of
+    :func:`generate`.
+    """
+    import torch
+
+    models = models or ModelSpec()
+    settings = (settings or SamplingSettings()).for_preset(models.preset)
+    root = str(root) if root is not None else None
+    if workers < 0:
+        raise SettingsError(f"workers must be 0 (this process) or more, got {workers}.")
+    if batch_size < 1:
+        raise SettingsError(f"batch_size must be at least 1, got {batch_size}.")
+    if (models.device or "").startswith("cuda") and not torch.cuda.is_available() and not scheduler:
+        raise SettingsError(f"device {models.device!r} was asked for but no CUDA GPU is visible; use device 'cpu'.")
+
+    def ingest_progress(split: str, done: int, total: int) -> None:
+        if progress:
+            progress({"event": "ingest", "split": split, "done": done, "total": total})
+
+    run = dict(settings=settings, batch_size=batch_size, limit=limit, force=force, progress=progress)
+    if not (workers or scheduler):
+        pipe, model_fp = models.load()
+        st, todo = open_for_generation(store, dataset, root, splits, storage_options, ingest_progress)
+        return generate(st, todo, pipe, model_fingerprint=model_fp, **run)
+
+    from distributed import Client
+
+    from .distributed import generate_distributed, load_on_workers, local_cluster
+
+    if workers and not scheduler and models.threads is None:  # CPU workers: this process's threads, its bits
+        models = replace(models, threads=torch.get_num_threads())
+    with contextlib.ExitStack() as stack:
+        cluster = scheduler or stack.enter_context(local_cluster(workers))
+        client = stack.enter_context(Client(cluster))
+        model_fp = load_on_workers(client, models)
+        _, todo = open_for_generation(store, dataset, root, splits, storage_options, ingest_progress)
+        return generate_distributed(client, models, store, todo, storage_options=storage_options,
+                                    model_fingerprint=model_fp, **run)
 
 
 def _run(gs, views, pipe, settings, batches, token, respect_claims, summary, tick) -> list[Job]:
@@ -295,7 +349,7 @@ def _run(gs, views, pipe, settings, batches, token, respect_claims, summary, tic
             except (KeyboardInterrupt, MemoryError):
                 raise
             except Exception as exc:  # one bad batch does not stop the job; it is reported and retried next run
-                summary.failed += [line for j in ready for line in _failure(views, j, exc)]
+                summary.failed += [line for j in ready for line in failure_lines(views, j, exc)]
                 claims.release(gs, [r for j in ready for r in j.targets])
                 out = None
             if pending is not None:

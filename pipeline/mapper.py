@@ -148,7 +148,8 @@ class Mapper(nn.Module):
         )
 
     @classmethod
-    def for_models(cls, unet: nn.Module, clip_dim: int, word_dim: int, num_words: int = 20) -> Mapper:
+    def for_models(cls, unet: nn.Module, clip_dim: int, word_dim: int,
+                   num_words: int = MapperConfig.num_words) -> Mapper:
         """A fresh mapper sized for these models, its k/v copies initialised from ``unet``."""
         mapper = cls(MapperConfig(clip_dim, word_dim, num_words, cross_attention_layers(unet)))
         mapper.copy_kv_from(unet)

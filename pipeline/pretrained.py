@@ -9,12 +9,11 @@ and what a Hub repo holds)::
 
 ``--mapper`` / ``--cleaner`` take such a folder, a Hub repo id already in the Hugging Face cache
 (``huggingface-cli download ORG/NAME`` once; nothing is downloaded by tdr), or a schema-1 ``.pt`` checkpoint
-(:mod:`tdr.pipeline.models`). Upload a folder with ``huggingface-cli upload ORG/NAME RUN/pretrained``.
+(:mod:`tdr.pipeline.checkpoint`). Upload a folder with ``huggingface-cli upload ORG/NAME RUN/pretrained``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from ..cache.errors import ModelNotFoundError, TdrError
 from .cleaner import Cleaner, CleanerConfig
+from .hub import resolve
 from .mapper import Mapper, MapperConfig
 
 SCHEMA = 1
@@ -75,22 +75,10 @@ def load_pretrained(folder: str | os.PathLike, kind: str) -> Mapper | Cleaner:
 def locate(name: str | os.PathLike) -> tuple[Path | None, str]:
     """A ``--mapper`` / ``--cleaner`` value -> (a ``.pt`` file or a folder, or None; where it was looked for):
     a file as it is, else a local folder or an offline Hub id, found like every other model."""
-    from .models import _resolve
-
     path = Path(name).expanduser()
     if path.is_file():
         return path, str(path)
     if str(name).endswith(".pt"):
         return None, f"no such file {path}"
-    return _resolve(name)
+    return resolve(name)
 
-
-def textual_sha256(path: str | os.PathLike) -> str:
-    """Content hash of a mapper/cleaner: the ``.pt`` file's sha256, or for a folder sha256 of its two files'."""
-    from .models import file_sha256, weight_sha256
-
-    path = Path(path)
-    if path.is_file():
-        return file_sha256(path)
-    parts = {CONFIG: file_sha256(path / CONFIG), WEIGHTS: weight_sha256(path / WEIGHTS)}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -3,7 +3,8 @@
 DDIM (Song et al., "Denoising Diffusion Implicit Models", ICLR 2021), eta = 0, the step itself from
 diffusers' :class:`~diffusers.DDIMScheduler`; classifier-free guidance (Ho & Salimans, 2022):
 ``eps = eps_u + s * (eps_c - eps_u)`` from ONE UNet call on the concatenated [uncond; cond] batch.
-Paper settings (Lin et al., CVPR 2024): SD-2.1-base training schedule, 200 steps, s = 5, 512^2 output.
+Paper settings (Lin et al., CVPR 2024): SD-2.1-base training schedule; steps, s and the output size are
+:class:`tdr.pipeline.settings.SamplingSettings`'.
 
 Initial noise is a function of (run seed, image id) only: each image draws its own (C, h, w) fp32 normal
 sample on the CPU from ``torch.Generator().manual_seed(noise_seed(seed, image_id))``, so its guidance does
@@ -30,6 +31,9 @@ PAPER_SCHEDULER_CONFIG = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
+
+
+DECODE_CHUNK = 8  # latents per VAE decode call: bounds decoder activation memory at 512²
 
 
 def make_scheduler(config: dict | None = None) -> DDIMScheduler:
@@ -61,8 +65,8 @@ def ddim_sample(
     cond: torch.Tensor,
     uncond: torch.Tensor,
     *,
-    steps: int = 200,
-    scale: float = 5.0,
+    steps: int,
+    scale: float,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """DDIM (eta 0) + CFG from ``latents`` (B,C,h,w) x_T (fp32) to x_0 latents (B,C,h,w) fp32.
@@ -91,7 +95,7 @@ def ddim_sample(
     return latents
 
 
-def decode_float(vae, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+def decode_float(vae, latents: torch.Tensor, chunk: int = DECODE_CHUNK) -> torch.Tensor:
     """x_0 latents (B,C,h,w) -> images (B,3,H,W) float32 in [0,1]; decoded ``chunk`` at a time."""
     dtype = next(vae.parameters()).dtype
     z = latents / vae.config.scaling_factor  # 0.18215 for SD

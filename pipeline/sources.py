@@ -31,6 +31,7 @@ import torch
 from ..cache.errors import TdrError
 from .clip import encode_image, preprocess
 from .injection import encode_injected, encode_prompt
+from .settings import CAPTION_MODEL, DEFAULT_SOURCE
 
 Texts = list[dict] | None  # per image {"raw": caption, "prompt": SD prompt, "edited": bool}, or None
 
@@ -92,7 +93,7 @@ class CaptionSource:
     def load(cls, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
              caption_model: str | None = None, caption_words: Sequence[str] = (), **_) -> "CaptionSource":
         """Load the caption model (default BLIP-2 opt-2.7b) offline; ``caption_words`` extend the word list."""
-        from .captions import CAPTION_MODEL, load_captioner
+        from .captions import load_captioner
         from .degradation_words import DEGRADATION_WORDS, DegradationFilter
 
         captioner = load_captioner(caption_model or CAPTION_MODEL, device=device, dtype=dtype)
@@ -115,7 +116,7 @@ class CaptionSource:
         return encode_prompt(m.text_encoder, m.tokenizer, [t["prompt"] for t in texts])
 
     def fingerprint(self) -> dict:
-        from .models import weight_sha256
+        from .fingerprints import weight_sha256
 
         c = self.captioner
         return {"source": self.name, "caption_model": c.name,
@@ -138,7 +139,6 @@ SOURCES: dict[str, type] = {  # name -> class; ``cls.without`` names the guidanc
     "mapper-only": MapperOnlySource,
     "caption": CaptionSource,
 }
-DEFAULT_SOURCE = "textual"
 
 
 def check_source(name: str) -> str:

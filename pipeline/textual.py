@@ -17,7 +17,7 @@ Paper settings: lr 1e-6 scaled by the total batch (4 per GPU x 4 accumulation x 
 (frozen models in fp16, autocast); ``torchrun`` runs data-parallel (gradients all-reduced, rank 0 writes).
 
 Run folder ``DIR``: ``config.json``, ``last.pt`` and ``step_N.pt`` (schema-1 mapper/cleaner checkpoints that
-:func:`~tdr.pipeline.models.load_components` reads, plus a ``train`` entry with the step, optimiser,
+:func:`~tdr.pipeline.loading.load_components` reads, plus a ``train`` entry with the step, optimiser,
 grad-scaler and RNG states and the training config, all loadable with ``torch.load(weights_only=True)``),
 ``pretrained/`` (the finished module as ``config.json`` + ``model.safetensors``, :mod:`tdr.pipeline.pretrained`:
 what ``--mapper`` / ``--cleaner`` and the Hub take), and ``val_N.png`` grids (input | guidance). Sample k is a pure function of (seed, k)
@@ -47,9 +47,11 @@ from ..runs.launch import Launch, launch
 from .attention import install_mapper_kv
 from .clip import encode_image, preprocess
 from .injection import encode_injected
-from .models import CLIP_MODEL, SD_MODEL, GuidanceModels, load_components, module_checkpoint
+from .checkpoint import module_checkpoint
+from .loading import GuidanceModels, load_components
 from .pretrained import save_pretrained
 from .sampler import latent_scale, make_scheduler
+from .settings import CLIP_MODEL, SD_MODEL
 from .textual_data import Item, apply_crop, cleaner_items, mapper_items, parse_source, sample, sample_seed, to_float
 
 ProgressFn = Callable[[dict], None]
@@ -183,7 +185,7 @@ def _precision(config: TextualConfig, device: torch.device) -> tuple[torch.dtype
 
 def save_training_checkpoint(module: nn.Module, path: Path, *, stage: str, step: int, config: TextualConfig,
                              optimizer: torch.optim.Optimizer, scaler, losses: list[float]) -> None:
-    """The schema-1 mapper/cleaner checkpoint of :mod:`tdr.pipeline.models` plus a ``train`` entry, written
+    """The schema-1 mapper/cleaner checkpoint of :mod:`tdr.pipeline.checkpoint` plus a ``train`` entry, written
     atomically (a killed run never leaves a half-written ``last.pt``)."""
     payload = {
         **module_checkpoint(module, meta={"stage": stage, "step": step, "training": config.to_dict()}),
@@ -426,7 +428,7 @@ def validation_grid(stage: str, models: GuidanceModels, items: list[Item], confi
     Stage 1 has no trained cleaner yet: its guidance skips the cleaner (words straight from the mapper).
     """
     from ..cache.images import write_png
-    from . import GuidancePipeline
+    from .guidance import GuidancePipeline
 
     view = dataclasses.replace(models, cleaner=nn.Identity()) if stage == "mapper" else models
     pipe = GuidancePipeline(view, attention=config.attention)

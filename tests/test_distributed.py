@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from tdr.cache import open_store
 from tdr.cli import app
+from tdr.pipeline import ModelSpec, SamplingSettings, generate_guidance
 from tdr.pipeline.distributed import SlurmConfig
 
 runner = CliRunner()
@@ -21,10 +22,13 @@ def run(*args: str, code: int = 0):
 
 
 def test_two_dask_workers_equal_one_process(tmp_path):
+    """The command in one process, the library call on two local dask workers (the command's --workers is
+    run in test_sources)."""
     one, two = str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr")
     run("generate-guidance", *TINY, "--store", one, "--limit", "4", "--batch-size", "2")
-    result = run("generate-guidance", *TINY, "--store", two, "--limit", "4", "--batch-size", "1", "--workers", "2")
-    assert "attention dask" in result.output
+    summary = generate_guidance(two, "demo", ModelSpec(preset="tiny", device="cpu"), SamplingSettings(steps=2),
+                                splits=["test"], limit=4, batch_size=1, workers=2)
+    assert summary.attention == "dask" and summary.done == 4
     a, b = open_store(one).guidance(), open_store(two).guidance()
     assert a.id == b.id  # same models, same settings: same fingerprint
     done = b.done("test")

@@ -1,4 +1,5 @@
-"""`tdr generate-guidance` end to end with tiny models: fill, skip, determinism, kill and resume, errors."""
+"""Guidance generation end to end with tiny models, through `tdr generate-guidance` and through the library
+call it wraps (``tdr.pipeline.generate_guidance``): fill, skip, determinism, kill and resume, errors."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
+import pytest
+
 from tdr.cache import open_store
+from tdr.cache.errors import ModelNotFoundError
 from tdr.cli import app
+from tdr.pipeline import GuidancePipeline, ModelSpec, SamplingSettings, generate_guidance, load_components
+from tdr.pipeline.settings import SettingsError
 
 runner = CliRunner()
 TINY = ["--preset", "tiny", "--steps", "2", "--size", "64", "--device", "cpu", "--dataset", "demo", "--split", "test"]
@@ -113,3 +119,49 @@ def test_tiny_preset_defaults_to_a_small_guidance_side(tmp_path):
         "--split", "test", "--store", store, "--limit", "2")
     gs = open_store(store).guidance()
     assert gs.size == 64 and gs.read("test", 0).shape == (64, 64, 3)
+
+
+TINY_SPEC = ModelSpec(preset="tiny", device="cpu")
+
+
+def test_library_call_fills_store_with_what_the_pipeline_makes(tmp_path):
+    """One library call ingests, samples and writes; each stored image equals the pipeline's output for that
+    image with noise from its content hash, at the tiny preset's own size; progress comes as events."""
+    store = str(tmp_path / "s.zarr")
+    events: list[dict] = []
+    summary = generate_guidance(store, "demo", TINY_SPEC, SamplingSettings(steps=2), splits=["test"], limit=3,
+                                batch_size=2, progress=events.append)
+    assert (summary.done, summary.sampled, summary.splits, summary.failed) == (3, 3, ["test"], [])
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "ingest" and "plan" in kinds and kinds[-1] == "batch"
+    assert events[-1]["done"] == events[-1]["total"] == 3
+    st = open_store(store)
+    gs = st.guidance(summary.group)
+    assert gs.size == 64 and gs.fingerprint["steps"] == 2 and list(np.flatnonzero(gs.done("test"))) == [0, 1, 2]
+    pipe = GuidancePipeline(load_components(preset="tiny"))
+    view = st["test"]
+    for i in range(3):
+        expected = pipe([view.read_lq(i)], [view.lq_sha(i).tobytes().hex()], steps=2)
+        np.testing.assert_array_equal(gs.read("test", i), expected[0])
+    again = generate_guidance(store, "demo", TINY_SPEC, SamplingSettings(steps=2), splits=["test"], limit=2)
+    assert (again.group, again.done, again.skipped) == (summary.group, 2, 3)  # resumed: the first 3 skipped
+
+
+def test_library_refuses_bad_settings_before_touching_the_store(tmp_path, monkeypatch):
+    store = tmp_path / "s.zarr"
+    with pytest.raises(SettingsError, match="cleaner"):
+        ModelSpec(preset="tiny", source="mapper-only", cleaner="c.pt")
+    with pytest.raises(SettingsError, match="caption_model"):
+        ModelSpec(caption_model="x/y")
+    with pytest.raises(SettingsError, match="layout"):
+        SamplingSettings(layout="diagonal")
+    with pytest.raises(SettingsError, match="dtype"):
+        ModelSpec(dtype="fp8")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SettingsError, match="device 'cuda'"):
+        generate_guidance(str(store), "demo", ModelSpec(preset="tiny", device="cuda"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelNotFoundError, match="stable-diffusion-2-1-base"):
+        generate_guidance(str(store), "demo", ModelSpec(device="cpu"))
+    assert not store.exists()

@@ -99,7 +99,7 @@ def test_backend_selection():
 def test_mapper_for_another_unet_is_refused(models):
     from diffusers import UNet2DConditionModel
 
-    from tdr.pipeline.models import TINY_UNET_CONFIG
+    from tdr.pipeline.presets import TINY_UNET_CONFIG
 
     other = UNet2DConditionModel(**{**TINY_UNET_CONFIG, "layers_per_block": 2})
     with pytest.raises(ValueError, match="other cross-attention"):

@@ -11,15 +11,9 @@ from tdr.cache.errors import ModelNotFoundError, TdrError
 from tdr.pipeline import GuidancePipeline, file_sha256, fingerprint, load_components
 from tdr.pipeline.cleaner import Cleaner, CleanerConfig
 from tdr.pipeline.mapper import Mapper, MapperConfig, cross_attention_layers
-from tdr.pipeline.models import (
-    SD21_BASE_UNET_CONFIG,
-    TINY_TEXT_CONFIG,
-    TINY_VISION_CONFIG,
-    load_checkpoint,
-    module_checkpoint,
-    random_components,
-    weight_sha256,
-)
+from tdr.pipeline.checkpoint import load_checkpoint, module_checkpoint
+from tdr.pipeline.fingerprints import weight_sha256
+from tdr.pipeline.presets import SD21_BASE_UNET_CONFIG, TINY_TEXT_CONFIG, TINY_VISION_CONFIG, random_components
 from tdr.runs.checkpoint import save
 from tdr.pipeline.sampler import make_scheduler
 
@@ -40,7 +34,7 @@ def tiny_dirs(tmp_path_factory):
     """The tiny models saved as real ones: SD in diffusers' layout, CLIP as a full CLIPModel directory."""
     from transformers import CLIPConfig, CLIPModel
 
-    from tdr.pipeline.models import TINY_UNET_CONFIG, TINY_VAE_CONFIG
+    from tdr.pipeline.presets import TINY_UNET_CONFIG, TINY_VAE_CONFIG
 
     root = tmp_path_factory.mktemp("models")
     parts = random_components(

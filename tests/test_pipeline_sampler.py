@@ -144,3 +144,18 @@ def test_half_precision_paths(models, dtype):
     ref = GuidancePipeline(models)(ims, ids, steps=2, size=64).astype(int)
     out = GuidancePipeline(half)(ims, ids, steps=2, size=64)
     assert out.dtype == np.uint8 and np.abs(out - ref).mean() < 2
+
+
+def test_settings_travel_as_one_object_or_as_keywords(models):
+    """``pipe(images, ids, SamplingSettings(...))`` and keyword overrides are the same call; without a size
+    the tiny preset samples at its own side (64), not SD's 512."""
+    from tdr.pipeline import SamplingSettings
+
+    pipe = GuidancePipeline(models)
+    im = images(1)
+    by_object = pipe(im, ["a"], SamplingSettings(steps=2))
+    assert by_object.shape == (1, 64, 64, 3)
+    assert np.array_equal(by_object, pipe(im, ["a"], steps=2, size=64))
+    assert np.array_equal(by_object, pipe(im, ["a"], SamplingSettings(steps=5, size=128), steps=2, size=64))
+    with pytest.raises(TypeError):
+        pipe(im, ["a"], stepz=2)

@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 from tdr.cache.errors import ModelNotFoundError
 from tdr.cli import app
 from tdr.pipeline import fingerprint, load_components
-from tdr.pipeline.models import file_sha256, load_checkpoint, module_checkpoint
+from tdr.pipeline.checkpoint import load_checkpoint, module_checkpoint
+from tdr.pipeline.fingerprints import file_sha256, textual_sha256
+from tdr.pipeline.pretrained import CONFIG, WEIGHTS, load_pretrained, save_pretrained
 from tdr.runs.checkpoint import save
-from tdr.pipeline.pretrained import CONFIG, WEIGHTS, load_pretrained, save_pretrained, textual_sha256
 
 torch.set_num_threads(1)
 runner = CliRunner()

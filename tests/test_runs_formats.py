@@ -20,7 +20,7 @@ from tdr.guided.backbones import build_backbone
 from tdr.guided.config import TrainConfig, train_config
 from tdr.guided.evaluate import load_run
 from tdr.guided.train import train
-from tdr.pipeline.models import load_checkpoint
+from tdr.pipeline.checkpoint import load_checkpoint
 from tdr.runs.checkpoint import SchemaError, load, rng_state, save, set_rng_state
 from tdr.runs.config import ConfigError, check_resume, from_dict, merge, to_dict
 

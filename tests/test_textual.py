@@ -9,7 +9,7 @@ import torch
 from tdr.cache.errors import DatasetError, StoreError, TdrError
 from tdr.cache.images import write_png
 from tdr.pipeline import file_sha256, fingerprint, load_components
-from tdr.pipeline.models import load_checkpoint
+from tdr.pipeline.checkpoint import load_checkpoint
 from tdr.pipeline.textual import TextualConfig, evaluate_loss, train_cleaner, train_mapper
 from tdr.runs.config import ConfigError, from_dict
 from tdr.pipeline.textual_data import cleaner_items, crop_box, mapper_items, parse_source, sample

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from tdr.cli import app
-from tdr.pipeline.models import file_sha256
+from tdr.pipeline.fingerprints import file_sha256
 
 runner = CliRunner()
 FAST = ["--preset", "tiny", "--size", "64", "--batch-size", "2", "--accum", "1", "--lr", "1e-3",
