@@ -1,7 +1,7 @@
 """The ``tdr`` command line: the only place that prints or draws progress.
 
 Library code reports through callbacks and returns values; here they become rich tables and bars.
-A user error (:class:`tdr.cache.errors.TdrError`) is one line on stderr and exit code 1, never a traceback.
+A user error (:class:`tdr.errors.TdrError`) is one line on stderr and exit code 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .cache.errors import TdrError
+from .errors import TdrError
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)

@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .errors import StoreError
+from ..errors import StoreError
 from .store import _COMPRESSORS, GuidanceSet, Store
 
 LENGTH = 2048  # bytes of UTF-8 JSON per record

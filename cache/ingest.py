@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import zarr
 
-from .errors import DataIntegrityError, DatasetError, StoreError, TdrError
+from ..errors import DataIntegrityError, DatasetError, StoreError, TdrError
 from .store import _COMPRESSORS, Store, create_store, pixel_sha256
 
 SSIM_WINDOW = 11  # the metrics' Gaussian SSIM window (guided/metrics.py): images need this side after cropping

@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
-from .errors import TdrError
+from ..errors import TdrError
 
 ENV = "TDR_STORAGE_OPTIONS"
 

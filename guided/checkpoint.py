@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..cache.errors import ModelNotFoundError, TdrError
+from ..errors import ModelNotFoundError, TdrError
 from .aggregation import AggregationConfig
 
 SCHEMA = 2

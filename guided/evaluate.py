@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from ..cache import open_store
-from ..cache.errors import StoreError, TdrError
+from ..errors import StoreError, TdrError
+from ..cache.images import to_float_chw, to_uint8
 from ..cache.ingest import min_side
 from .aggregation import guidance_box
 from .checkpoint import build_model, is_run_checkpoint, load_file, migrate
@@ -97,9 +98,7 @@ def restore(model: torch.nn.Module, lq: torch.Tensor, guidance: torch.Tensor | N
 
 def to_tensor(img: np.ndarray, device=None) -> torch.Tensor:
     """(H,W,3) uint8/uint16 → (1,3,H,W) float32 in [0,1]."""
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(scale)
-    return t[None].to(device)
+    return to_float_chw(img)[None].to(device)
 
 
 def metric_convention(metric: dict[str, Any]) -> MetricConvention:
@@ -155,10 +154,6 @@ def load_run(path: str | Path, *, use_ema: bool = True, device=None,
 
 
 # -- grids --------------------------------------------------------------------------------------------
-def _u8(img: np.ndarray) -> np.ndarray:
-    return (img.astype(np.float32) / 257.0).round().astype(np.uint8) if img.dtype == np.uint16 else img
-
-
 GRID_LABEL_HEIGHT = 14  # px of the strip above each grid panel holding its name
 
 
@@ -175,13 +170,13 @@ def grid_image(lq: np.ndarray, guidance: np.ndarray | None, restored: np.ndarray
     from PIL import ImageDraw
 
     h = lq.shape[0]
-    panels = [_u8(lq)]
+    panels = [to_uint8(lq)]
     if guidance is not None:
         gw = max(1, round(h * guidance.shape[1] / guidance.shape[0]))
         panels.append(np.asarray(Image.fromarray(guidance).resize((gw, h), Image.Resampling.BICUBIC)))
     panels.append(restored)
     if gt is not None:
-        panels.append(_u8(gt))
+        panels.append(to_uint8(gt))
     names = grid_panels(guidance is not None, gt is not None)
     white = np.full((h, gap, 3), 255, np.uint8)
     parts = []

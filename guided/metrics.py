@@ -327,7 +327,7 @@ def realblur_scores(pred: Any, target: Any, *, data_range: int | None = None) ->
     try:
         import cv2
     except ImportError:
-        from ..cache.errors import TdrError
+        from ..errors import TdrError
 
         raise TdrError("RealBlur's aligned scores need OpenCV: pip install opencv-python-headless.") from None
     from skimage.metrics import structural_similarity

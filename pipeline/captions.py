@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache.errors import ModelNotFoundError, TdrError
+from ..errors import ModelNotFoundError, TdrError
 
 CAPTION_MODEL = "Salesforce/blip2-opt-2.7b"
 MAX_NEW_TOKENS = 30

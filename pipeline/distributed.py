@@ -266,7 +266,7 @@ class SlurmConfig:
         try:
             from dask_jobqueue import SLURMCluster
         except ImportError:
-            from ..cache.errors import TdrError
+            from ..errors import TdrError
 
             raise TdrError("SLURM clusters need dask-jobqueue; install it with 'pip install dask-jobqueue'.") from None
         cluster = SLURMCluster(**self.cluster_kwargs())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..cache.errors import ModelNotFoundError, TdrError
+from ..errors import ModelNotFoundError, TdrError
 from .cleaner import Cleaner, CleanerConfig
 from .mapper import Mapper, MapperConfig
 

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..cache.errors import DatasetError, StoreError
+from ..cache.images import to_float_chw
+from ..cache.layout import layout_box
+from ..errors import DatasetError, StoreError
 
 MAX_NOISE_SIGMA = 50.0  # 0..255 scale, SPEC §4 stage 2
 
@@ -201,8 +203,7 @@ def item_index(seed: int, k: int, n: int) -> int:
 
 def to_float(image: np.ndarray) -> torch.Tensor:
     """(H,W,3) uint8/uint16 -> (3,H,W) float32 in [0,1]."""
-    scale = 65535.0 if image.dtype == np.uint16 else 255.0
-    return torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1).float() / scale
+    return to_float_chw(image[..., :3])
 
 
 def crop_box(height: int, width: int, size: int, rng: np.random.Generator) -> tuple[int, int, int, bool]:
@@ -210,8 +211,8 @@ def crop_box(height: int, width: int, size: int, rng: np.random.Generator) -> tu
     centre square of side min(H, W) to be resized to ``size`` (the paper's rule)."""
     if min(height, width) >= size:
         return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1)), size, False
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, True
+    top, left, side, _ = layout_box("center", height, width)
+    return top, left, side, True
 
 
 def apply_crop(x: torch.Tensor, box: tuple[int, int, int, bool], size: int) -> torch.Tensor:
@@ -258,9 +259,8 @@ def sample(
     elif inp.shape == target.shape:
         inp_c = apply_crop(inp, box, size)
     else:  # sizes differ: each its centre square, resized
-        h, w = inp.shape[1:]
-        side = min(h, w)
-        inp_c = apply_crop(inp, ((h - side) // 2, (w - side) // 2, side, True), size)
+        top, left, side, _ = layout_box("center", *inp.shape[1:])
+        inp_c = apply_crop(inp, (top, left, side, True), size)
     if item.noise:  # sigma ~ U(0, 50)/255, added to the clean crop, clipped to [0,1]
         sigma = float(rng.uniform(0.0, max_sigma)) / 255.0
         noise = torch.randn(inp_c.shape, generator=torch.Generator().manual_seed(sample_seed(seed, k, "image-noise")))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tdr.cache import FingerprintMismatch, StoreError, create_store, open_store
-from tdr.cache.errors import DatasetError
+from tdr.errors import DatasetError, StoreNotFoundError
 from tdr.cache.ingest import ingest_split
 from tdr.cache.report import info, verify
 from tdr.cache.transfer import export_guidance, import_guidance
@@ -163,7 +163,7 @@ def test_failed_ingest_leaves_store_unchanged(tmp_path):
 
 
 def test_open_errors(tmp_path):
-    with pytest.raises(StoreError, match="No tdr store"):
+    with pytest.raises(StoreNotFoundError, match="No tdr store"):
         open_store(str(tmp_path / "nothing.zarr"))
     import zarr
 
@@ -350,7 +350,7 @@ def test_losing_a_create_race_opens_the_winners_store(tmp_path, monkeypatch):
     def checked_too_early(*args, **kw):  # the loser looked before the winner had created the store
         calls.append(args)
         if len(calls) == 1:
-            raise StoreError(f"No tdr store at {url}; create one with 'tdr cache ingest --store {url}'.")
+            raise StoreNotFoundError(f"No tdr store at {url}.")
         return real(*args, **kw)
 
     monkeypatch.setattr(store_mod, "open_store", checked_too_early)

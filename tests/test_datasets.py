@@ -9,7 +9,7 @@ from PIL import Image
 
 from tdr.cache.datasets import DATASETS, NOISE_CONVENTIONS, CheckReport, Pair, get_dataset, list_datasets
 from tdr.cache.datasets import demo as demo_module
-from tdr.cache.errors import DatasetError, ImageReadError
+from tdr.errors import DatasetError, ImageReadError
 from tdr.cache.images import read_image, write_png
 
 # ------------------------------------------------------------------------------------------- helpers

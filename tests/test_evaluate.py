@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tdr.cache import open_store
-from tdr.cache.errors import TdrError
+from tdr.errors import TdrError
 from tdr.cache.ingest import ingest
 from tdr.cache.store import create_store
 from tdr.cache.transfer import import_guidance

@@ -5,7 +5,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from tdr.cache.errors import ImageReadError, TdrError
+from tdr.errors import ImageReadError, TdrError
 from tdr.cache.images import image_size, read_image, write_png
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tdr.cache.errors import DatasetError, StoreError, TdrError
+from tdr.errors import DatasetError, StoreError, TdrError
 from tdr.cache.images import write_png
 from tdr.pipeline import file_sha256, fingerprint, load_components
 from tdr.pipeline.models import load_checkpoint

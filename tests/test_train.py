@@ -17,7 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tdr.cache import open_store
-from tdr.cache.errors import TdrError
+from tdr.errors import TdrError
 from tdr.cache.ingest import ingest
 from tdr.cache.transfer import import_guidance
 from tdr.guided.backbones import build_backbone, load_backbone_checkpoint

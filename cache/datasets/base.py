@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DatasetError
+from ...errors import DatasetError
 from ..images import IMAGE_SUFFIXES
 from .refs import ImageRef, Pair, file_ref
 

@@ -10,18 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...cache.errors import TdrError
+from ...errors import CheckpointMismatchError
 from ..aggregation import FUSE_MODES, AggregationConfig, BlockFactory, DynamicAggregation
 
 AGG_PREFIX = "agg."
-
-
-class UnknownBackboneError(TdrError, ValueError):
-    """A backbone name that is not in the registry."""
-
-
-class CheckpointMismatchError(TdrError, ValueError):
-    """A checkpoint whose keys or shapes do not fit the backbone."""
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
