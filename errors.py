@@ -1,16 +1,23 @@
 """Every error a user can cause, one hierarchy under :class:`TdrError`.
 
 Each carries one sentence saying what is wrong and what to do, naming the library parameter (``patch``,
-``store``, ``force``), never a command-line flag: the CLI prints the sentence and exits non-zero, a
-notebook sees the exception. Errors about a setting's value are also ``ValueError``s, so code that
+``store``, ``force``), never a command-line flag: the CLI prints the sentence (adding the option that
+sets ``param`` where the error has one) and exits non-zero, a notebook sees the exception. Errors about a setting's value are also ``ValueError``s, so code that
 catches ``ValueError`` keeps working.
 """
 
 
 class TdrError(Exception):
-    """An error the user can fix (wrong path, missing model, mismatched store). Message = one sentence."""
+    """An error the user can fix (wrong path, missing model, mismatched store). Message = one sentence.
+
+    ``param`` names the parameter whose value is at fault, where one is (e.g. "patch", "out").
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ConfigError(TdrError, ValueError):
@@ -48,8 +55,8 @@ class DataIntegrityError(StoreError):
     many images.
     """
 
-    def __init__(self, message: str, what: str = ""):
-        super().__init__(message)
+    def __init__(self, message: str, what: str = "", *, param: str | None = None):
+        super().__init__(message, param=param)
         self.what = what or message
 
 

@@ -19,7 +19,7 @@ DEFAULT_LAYOUT = "center"
 def check_layout(layout: str) -> str:
     """``layout`` itself when it is one of ``LAYOUTS``; otherwise a ConfigError naming the choices."""
     if layout not in LAYOUTS:
-        raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}.")
+        raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}.", param="layout")
     return layout
 
 

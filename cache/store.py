@@ -228,8 +228,8 @@ class Store:
             current = self.guidance()
             raise FingerprintMismatch(
                 f"Store {self.url} holds guidance made with other settings "
-                f"({describe_difference(current.fingerprint, fingerprint)}); use a new --store, or pass "
-                "--force to add a second guidance group to this store.")
+                f"({describe_difference(current.fingerprint, fingerprint)}); use a new store, or pass "
+                "force to add a second guidance group to this store.", param="force")
         parent = self.group.require_group("guidance")
         try:
             sub = parent.create_group(gid, attributes={"fingerprint": fingerprint, "size": int(size),
@@ -360,7 +360,7 @@ class Split:
         store = f" of {self.url}" if self.url else ""
         return DataIntegrityError(
             f"The {kind} image '{self.ids[i]}' of split '{self.name}'{store} cannot be read: {what}; "
-            f"restore it with 'tdr cache ingest --repair' (same --dataset, --root and --store), then "
+            f"restore it with 'tdr cache ingest --repair' (same dataset, root and store), then "
             f"check with 'tdr cache verify'.", what)
 
     def lq_sha(self, i: int | None = None) -> np.ndarray:

@@ -66,7 +66,8 @@ class TripleDataset(Dataset):
                  augment: bool = True, seed: int = 0, swap: float = 0.0,
                  storage_options: Mapping[str, Any] | None = None):
         if guidance not in GUIDANCE_MODES:
-            raise ConfigError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, not {guidance!r}.")
+            raise ConfigError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, not {guidance!r}.",
+                              param="guidance")
         if not 0.0 <= swap <= 1.0:
             raise ConfigError(f"swap must be a probability in [0, 1], not {swap}.", param="swap")
         self.url, self.split, self.patch, self.guidance_mode = url, split, int(patch), guidance
@@ -77,15 +78,16 @@ class TripleDataset(Dataset):
         self.n = len(sp)
         small = [sp.ids[i] for i in range(self.n) if min(sp.lq_size(i)) < self.patch]
         if small:
-            raise StoreError(f"Image '{small[0]}' of split '{split}' is smaller than --patch {self.patch}; "
-                             "use a smaller patch.")
+            raise StoreError(f"Image '{small[0]}' of split '{split}' is smaller than patch {self.patch}; "
+                             "use a smaller patch.", param="patch")
         if guidance == "cache":
             gs = store.guidance(group)
             done = gs.done(split, check=False)
             if not done.all():
                 missing = sp.ids[int(np.flatnonzero(~done)[0])]
                 raise StoreError(f"{int((~done).sum())} image(s) of split '{split}' have no guidance yet "
-                                 f"(first: '{missing}'); finish 'tdr generate-guidance' or use --guidance none.")
+                                 f"(first: '{missing}'); finish 'tdr generate-guidance' or use guidance 'none'.",
+                                 param="guidance")
             self.group = gs.id
             self.guidance_size = gs.size
             self.layout = gs.layout

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 from ..cache import open_store
-from ..errors import StoreError, TdrError
+from ..errors import CheckpointError, OutputPathError, StoreError
 from ..cache.images import to_float_chw, to_uint8
 from ..cache.ingest import min_side
 from .aggregation import guidance_box
@@ -138,8 +139,8 @@ def load_run(path: str | Path, *, use_ema: bool = True, device=None,
     ckpt = load_file(path)
     if not is_run_checkpoint(ckpt):
         if backbone is None:
-            raise TdrError(f"{path} is not a tdr training checkpoint; to score official weights, name "
-                           "their backbone (--backbone, e.g. nafnet).")
+            raise CheckpointError(f"{path} is not a tdr training checkpoint; to score official weights, name "
+                                  "their backbone (backbone, e.g. nafnet).", param="backbone")
         from .backbones import load_backbone_checkpoint
 
         model = build_model(backbone, guided=False)  # an unknown name: UnknownBackboneError, with the choices
@@ -198,10 +199,13 @@ def _safe(name: str) -> str:
 
 # -- the evaluation ---------------------------------------------------------------------------------
 def evaluate(config: EvalConfig, progress: Progress | None = None) -> EvalResult:
-    """Score a run checkpoint on ``config.split`` of ``config.store``; see the module docstring."""
+    """Score a run checkpoint on ``config.split`` of ``config.store``; see the module docstring. With
+    ``config.json`` set, the result (``EvalResult.to_dict()``) is also written there as JSON."""
     t0 = time.perf_counter()
+    if config.json:
+        check_output_file(Path(config.json), "json")  # before the evaluation, not after it
     if config.grids:
-        check_output_dir(Path(config.out) if config.out else Path(config.checkpoint).parent, "--out")
+        check_output_dir(Path(config.out) if config.out else Path(config.checkpoint).parent, "out")
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     store = open_store(config.store)
     if config.dataset and store.dataset != config.dataset:
@@ -246,30 +250,37 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> EvalResult
             progress({"event": "image", "done": i + 1, "total": n, "name": sp.ids[i], **avg.rows[-1]})
     mean = avg.mean()
     rows = [dict(r, input_psnr=p) for r, p in zip(avg.rows, inputs)]
-    return EvalResult(psnr=mean.get("psnr", float("nan")), ssim=mean.get("ssim", float("nan")), n=n, rows=rows,
-                      input_psnr=float(np.mean(inputs)) if inputs else float("nan"), metric=conv.to_dict(),
-                      split=config.split, checkpoint=str(config.checkpoint), guidance=run_cfg["guidance"],
-                      grids=grids, seconds=time.perf_counter() - t0)
+    result = EvalResult(psnr=mean.get("psnr", float("nan")), ssim=mean.get("ssim", float("nan")), n=n, rows=rows,
+                        input_psnr=float(np.mean(inputs)) if inputs else float("nan"), metric=conv.to_dict(),
+                        split=config.split, checkpoint=str(config.checkpoint), guidance=run_cfg["guidance"],
+                        grids=grids, seconds=time.perf_counter() - t0)
+    if config.json:
+        Path(config.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.json).write_text(json.dumps(result.to_dict(), indent=1))
+    return result
 
 
-def check_output_dir(path: Path, option: str) -> None:
-    """``path`` is a folder, or can be made one under a writable parent; else one clear error."""
-    path = Path(path)
+def check_output_dir(path: Path, param: str) -> None:
+    """``path`` (the value of parameter ``param``) is a folder, or can be made one under a writable
+    parent; else one clear error naming ``param``."""
+    path, name = Path(path), param.lstrip("-")
     if path.exists() and not path.is_dir():
-        raise TdrError(f"{option} {path} is a file, not a folder; choose a folder.")
+        raise OutputPathError(f"{name} {path} is a file, not a folder; choose a folder.", param=name)
     parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise TdrError(f"{option} {path}: cannot create or write in {parent}; choose a writable folder.")
+        raise OutputPathError(f"{name} {path}: cannot create or write in {parent}; choose a writable folder.",
+                              param=name)
 
 
-def check_output_file(path: Path, option: str) -> None:
+def check_output_file(path: Path, param: str) -> None:
     """``path`` can be written as a file: not a folder, its folder exists or can be made, writable."""
-    path = Path(path)
+    path, name = Path(path), param.lstrip("-")
     if path.is_dir():
-        raise TdrError(f"{option} {path} is a folder; give a file name, e.g. {path / 'metrics.json'}.")
+        raise OutputPathError(f"{name} {path} is a folder; give a file name, e.g. {path / 'metrics.json'}.",
+                              param=name)
     if path.exists() and not os.access(path, os.W_OK):
-        raise TdrError(f"{option} {path} exists and is not writable.")
-    check_output_dir(path.parent, option)
+        raise OutputPathError(f"{name} {path} exists and is not writable.", param=name)
+    check_output_dir(path.parent, name)
 
 
 def _chw(img: np.ndarray) -> torch.Tensor:

@@ -59,12 +59,13 @@ def load_captioner(name: str | os.PathLike = CAPTION_MODEL, *, device: torch.dev
     from .models import _TRANSFORMERS_WEIGHTS, _quiet, _resolve, _weight_files
 
     root, where = _resolve(str(name))
-    how = f"pass --caption-model DIR or run `huggingface-cli download {name}`"
+    how = f"pass a folder as caption_model or run `huggingface-cli download {name}`"
     if root is None:
-        raise ModelNotFoundError(f"Caption model {str(name)!r}: {where}; {how}.")
+        raise ModelNotFoundError(f"Caption model {str(name)!r}: {where}; {how}.", param="caption_model")
     files = _weight_files(root, _TRANSFORMERS_WEIGHTS)
     if not (root / "config.json").is_file() or not files:
-        raise ModelNotFoundError(f"Caption model {str(name)!r}: no config.json and weights in {root}; {how}.")
+        raise ModelNotFoundError(f"Caption model {str(name)!r}: no config.json and weights in {root}; {how}.",
+                                 param="caption_model")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     with _quiet():

@@ -121,7 +121,8 @@ def mapper_items(sources: Sequence[Source], split: str = "train") -> list[Item]:
                 seen_keys.add(pair.gt.key)
                 items.append(Item(f"{source.text}/gt/{pair.gt.key}", pair.gt.load))
     if not items:
-        raise DatasetError("The training data holds no images; pass --data NAME[:ROOT] with a non-empty dataset.")
+        raise DatasetError("The training data holds no images; pass data NAME[:ROOT] with a non-empty dataset.",
+                           param="data")
     return items
 
 
@@ -145,7 +146,7 @@ def cleaner_items(sources: Sequence[Source], noise_sources: Sequence[Source] = (
         if any(p.gt is None for p in pairs):
             raise DatasetError(
                 f"Data source '{source.text}' has images without clean counterparts; the cleaner needs pairs "
-                "(pass clean-only images with --noise-data to train denoising on them)."
+                "(pass clean-only images as noise data to train denoising on them).", param="noise_data"
             )
         if _is_clean_only(dataset):
             items += [Item(f"{source.text}/{p.gt.key}", p.gt.load, noise=True) for p in _distinct_gt(pairs)]
@@ -154,7 +155,8 @@ def cleaner_items(sources: Sequence[Source], noise_sources: Sequence[Source] = (
     for source in noise_sources:
         items += [Item(key, load, noise=True) for key, load in clean_images(source, split)]
     if not items:
-        raise DatasetError("The training data holds no pairs; pass --data NAME[:ROOT] with a paired dataset.")
+        raise DatasetError("The training data holds no pairs; pass data NAME[:ROOT] with a paired dataset.",
+                           param="data")
     return items
 
 

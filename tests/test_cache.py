@@ -89,8 +89,9 @@ def test_fingerprint_mismatch_refused_unless_forced(store_url):
     st = open_store(store_url, "a")
     first = st.guidance_for({"steps": 4, "seed": 0})
     first.write("train", 0, np.ones((512, 512, 3), np.uint8))
-    with pytest.raises(FingerprintMismatch, match=r"steps 4 → 200.*--force"):
+    with pytest.raises(FingerprintMismatch, match=r"steps 4 → 200.*pass force") as refused:
         st.guidance_for({"steps": 200, "seed": 0})
+    assert refused.value.param == "force"  # the CLI names its option from it
     assert st.guidance_ids() == [first.id]
     second = st.guidance_for({"steps": 200, "seed": 0}, force=True)
     assert second.id != first.id and sorted(st.guidance_ids()) == sorted([first.id, second.id])
@@ -278,7 +279,7 @@ def test_reingest_detects_changed_pixels_and_repairs_damage(tmp_path):
     assert [s.status for s in ingest("folder", str(root), url).splits] == ["present", "present"]
     shard = Path(url, "test", "lq", "c", "1", "0", "0", "0")
     shard.unlink()
-    with pytest.raises(DataIntegrityError, match="--repair"):
+    with pytest.raises(DataIntegrityError, match="again with repair"):
         ingest("folder", str(root), url)
     summary = ingest("folder", str(root), url, repair=True)
     assert {s.split: (s.status, s.repaired) for s in summary.splits} == {"train": ("present", 0),

@@ -68,7 +68,7 @@ def test_unknown_name_lists_choices():
 
 
 def test_missing_root_and_unknown_split(tmp_path):
-    with pytest.raises(DatasetError, match="needs --root"):
+    with pytest.raises(DatasetError, match="needs root"):
         get_dataset("gopro").pairs(None, "test")
     with pytest.raises(DatasetError, match="does-not-exist"):
         get_dataset("gopro").pairs(tmp_path / "does-not-exist", "test")

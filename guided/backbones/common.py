@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...errors import CheckpointMismatchError
+from ...errors import CheckpointMismatchError, ConfigError
 from ..aggregation import FUSE_MODES, AggregationConfig, BlockFactory, DynamicAggregation
 
 AGG_PREFIX = "agg."
@@ -48,7 +48,7 @@ class Restorer(nn.Module):
     def _attach_aggregation(self, guided: bool, fuse: str, config: AggregationConfig | None, levels: int,
                             points: Mapping[str, tuple[int, int]], block: BlockFactory, width: int) -> None:
         if fuse not in FUSE_MODES:
-            raise ValueError(f"fuse must be one of {', '.join(FUSE_MODES)}, not {fuse!r}")
+            raise ConfigError(f"fuse must be one of {', '.join(FUSE_MODES)}, not {fuse!r}.", param="fuse")
         self.multiple = max(self.multiple, 2 ** levels)
         self.agg = DynamicAggregation(levels, points, block, fuse=fuse, config=config, width=width) if guided else None
 
@@ -73,7 +73,7 @@ class Restorer(nn.Module):
         aligned = None
         if self.agg is not None:
             if guidance is None:
-                raise ValueError("this backbone is guided: pass guidance, or build it with guided=False")
+                raise ConfigError("This backbone is guided: pass guidance, or build it with guided=False.")
             aligned = self.agg.prepare(x, guidance, (h, w), box)
         out = self.restore(x, aligned)[..., :h, :w]
         return out if self.training else out.clamp(0, 1)
