@@ -6,7 +6,8 @@ Layout, inside a guidance group::
                                                           {"raw": caption, "prompt": what SD got, "edited": bool}
 
 One chunk per image, written by the writer of that image's guidance and *before* it, so guidance never
-exists without the caption it was made from, and concurrent writers stay safe (STACK.md: distinct chunks).
+exists without the caption it was made from, and concurrent writers stay safe (zarr writes distinct chunks
+independently, so writers of different images never touch the same object).
 
 Fixing captions by hand: ``tdr cache captions STORE > captions.jsonl`` (or the ``captions.jsonl`` that
 ``tdr cache export`` writes beside the PNGs), edit the ``prompt`` of some lines, then

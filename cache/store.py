@@ -24,8 +24,8 @@ rectangle of the frame a guidance image is about: the centre square of the short
 CRC32C checksum. Readers never take a missing chunk for zeros: an image whose shard (or guidance chunk)
 is absent, or whose chunk fails its checksum, raises :class:`DataIntegrityError` naming the image, its
 split and the command that repairs it; whole-image reads also re-check the image's sha256. An image's guidance is *done* when its chunk exists and its checksum passes, so a
-killed job resumes by skipping done images and concurrent writers need no lock (STACK.md: distinct
-chunks are safe; guidance is never sharded).
+killed job resumes by skipping done images and concurrent writers need no lock (zarr writes distinct
+chunks independently; guidance is never sharded, so no two images share a chunk).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """PSNR and SSIM exactly as image-restoration papers compute them.
 
-Conventions (shared/DATASETS.md, "Metrics"):
+Conventions (those of BasicSR, which the restoration papers use):
 
 - Metrics are computed on *quantised* images: a float output ``x`` in [0,1] becomes
   ``clip(round(x·L), 0, L)`` with ``L = 255`` (8-bit) or ``L = 65535`` (16-bit, e.g. DPDD) before any

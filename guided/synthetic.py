@@ -1,4 +1,4 @@
-"""Stand-ins for generated guidance whose relation to the input is known (SPEC §7).
+"""Stand-ins for generated guidance whose relation to the input is known.
 
 Guidance that Stable Diffusion renders keeps the input's content and textures, not its pixel geometry:
 the mapper averages CLIP's patch tokens, SD is conditioned by 20 words, and composition follows the

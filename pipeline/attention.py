@@ -6,7 +6,7 @@ copies, in every call (conditional and unconditional halves of a CFG batch alike
 ``to_k`` / ``to_v`` stay untouched and unused.
 
 Backends: torch SDPA (default) or xformers' ``memory_efficient_attention`` when xformers imports *and* runs
-a small attention on the device (its wheels are often built for another torch; see STACK.md).
+a small attention on the device (its wheels are often built for another torch version).
 :func:`select_backend` probes that once; the processor records which backend it actually ran
 (``last_backend``).
 """

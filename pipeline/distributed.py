@@ -29,7 +29,7 @@ from .generate import (GenerateSummary, Job, ProgressFn, SamplingSettings, batch
                        read_images, sample, select, stored_texts, write_jobs)
 
 PLUGIN_NAME = "tdr-guidance-models"
-ZARR_CONCURRENCY = 4  # per worker; total store I/O ≈ workers × this (STACK.md: zarr's default is 10 per process)
+ZARR_CONCURRENCY = 4  # per worker; total store I/O ≈ workers × this (zarr's default is 10 per process)
 
 
 @dataclass(frozen=True)

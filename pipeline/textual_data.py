@@ -1,4 +1,4 @@
-"""Images for training the mapper and the cleaner (Lin et al., CVPR 2024, §3.2-3.3; SPEC §4).
+"""Images for training the mapper and the cleaner (Lin et al., CVPR 2024, §3.2-3.3).
 
 A *source* is written ``NAME[:ROOT]`` (a dataset of ``tdr datasets``, its folder when it needs one) or
 ``store:URL`` (a tdr guidance store, local or remote). From the sources:
@@ -30,7 +30,7 @@ from ..cache.images import to_float_chw
 from ..cache.layout import layout_box
 from ..errors import DatasetError, StoreError
 
-MAX_NOISE_SIGMA = 50.0  # 0..255 scale, SPEC §4 stage 2
+MAX_NOISE_SIGMA = 50.0  # 0..255 scale: the cleaner stage trains on Gaussian noise of sigma ~ U(0, 50)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Training the mapper (stage 1) and the cleaner (stage 2) with tiny models on the demo data (SPEC §4)."""
+"""Training the mapper (stage 1) and the cleaner (stage 2) with tiny models on the demo data."""
 
 from types import SimpleNamespace
 

@@ -16,7 +16,7 @@ from .refs import ImageRef, Pair, file_ref
 
 
 def metric(y_channel: bool = False, ssim: str = "basicsr", crop_border: int = 0, align: bool = False) -> dict:
-    """How a dataset is scored (DATASETS.md): Y channel for deraining, RGB otherwise; ``ssim`` is
+    """How a dataset is scored, as its papers do: Y channel for deraining, RGB otherwise; ``ssim`` is
     ``"basicsr"`` (per-channel 11×11 Gaussian) or ``"matlab3d"`` (MATLAB's 3-D SSIM, GoPro/HIDE papers);
     ``align``: the output is ECC-aligned to the ground truth first (RealBlur)."""
     return {"y_channel": y_channel, "crop_border": crop_border, "ssim": ssim, "align": align}
