@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import ConfigError, MissingDependencyError
+
 BACKENDS = ("auto", "sdpa", "xformers")
 
 
@@ -41,10 +43,11 @@ def xformers_works(device_type: str) -> bool:
 def select_backend(requested: str, device: torch.device | str) -> str:
     """``auto`` -> ``xformers`` if it truly works on ``device``, else ``sdpa``; ``xformers`` must work."""
     if requested not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {requested!r}")
+        raise ConfigError(f"attention must be one of {', '.join(BACKENDS)}, not {requested!r}.", param="attention")
     works = xformers_works(torch.device(device).type)
     if requested == "xformers" and not works:
-        raise RuntimeError("xformers was requested but does not load or run on this device")
+        raise MissingDependencyError("attention 'xformers' was asked for, but xformers does not load or run on this "
+                                     "device; use attention 'sdpa' or 'auto'.", param="attention")
     if requested == "auto":
         return "xformers" if works else "sdpa"
     return requested
