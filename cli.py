@@ -7,6 +7,7 @@ A user error (:class:`tdr.errors.TdrError`) is one line on stderr and exit code 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -58,13 +59,14 @@ def user_errors(fn: Callable | None = None, *,
     """
     if fn is None:
         return functools.partial(user_errors, interrupted=interrupted)
+    options = command_options(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except TdrError as exc:
-            err.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False, markup=True)
+            err.print(f"[bold red]error:[/] {escape(error_line(exc, options))}", highlight=False, markup=True)
             # a failed remote call leaves coroutines that zarr's event loop drops at exit; their
             # "Exception ignored" tracebacks would bury the one line that says what went wrong
             sys.unraisablehook = lambda _: None
@@ -77,11 +79,25 @@ def user_errors(fn: Callable | None = None, *,
     return wrapper
 
 
-def error_line(exc: TdrError) -> str:
-    """The error's sentence, plus the option that sets the parameter it names (library errors name
-    parameters, e.g. ``patch``; here that is ``--patch``) unless the sentence says it already."""
+def command_options(fn: Callable) -> dict[str, str]:
+    """A command's options by the parameter they set: ``{"batch_size": "--batch-size", "json_path": "--json",
+    "json": "--json", …}`` (keyed by the function's parameter name and by the option's own name)."""
+    options: dict[str, str] = {}
+    for p in inspect.signature(fn).parameters.values():
+        flags = [d.split("/")[0] for d in getattr(p.default, "param_decls", None) or () if d.startswith("--")]
+        if flags:
+            options.setdefault(p.name, flags[0])
+            for flag in flags:
+                options.setdefault(flag[2:].replace("-", "_"), flag)
+    return options
+
+
+def error_line(exc: TdrError, options: dict[str, str]) -> str:
+    """The error's sentence, plus the command's option for the parameter it names (library errors name
+    parameters, e.g. ``patch``; ``tdr train`` sets it with ``--patch``), where the command has one and the
+    sentence does not name it already."""
     text = str(exc)
-    flag = "--" + exc.param.replace("_", "-") if getattr(exc, "param", None) else None
+    flag = options.get(getattr(exc, "param", None) or "")
     return f"{text} (option {flag})" if flag and flag not in text else text
 
 

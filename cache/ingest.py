@@ -130,7 +130,7 @@ def check_split(store: Store, split: str, pairs: Sequence["Pair"], *, repair: bo
         raise DataIntegrityError(
             f"{len(damaged)} stored image(s) of split '{split}' in {store.url} are missing or corrupt (first: "
             f"{'degraded' if part == 'lq' else 'clean'} '{name}'); ingest again with repair to rewrite them "
-            "from the dataset folder.", param="repair")
+            "from the dataset folder ('tdr cache ingest --repair').", param="repair")
     store._require_writable()
     for part, row, _, img in damaged:
         arr = sp.group[part]

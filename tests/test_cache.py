@@ -361,3 +361,25 @@ def test_losing_a_create_race_opens_the_winners_store(tmp_path, monkeypatch):
     ingest_split(first, "train", pairs)
     ingest_split(second, "train", pairs)  # a concurrent ingest of the same split finds it complete
     assert open_store(url)["train"].ids == [p.id for p in pairs] and verify(open_store(url)).ok
+
+
+def test_captions_are_listed_and_edited_through_the_library(store_url, tmp_path):
+    from tdr.cache import captions
+
+    st = open_store(store_url, "a")
+    gs = st.guidance_for({"source": "caption"})
+    with pytest.raises(StoreError, match="has no captions") as none_yet:
+        captions.list_captions(st)
+    assert none_yet.value.param == "group"
+    for i in range(2):
+        captions.write(gs, "train", i, {"raw": f"raw {i}", "prompt": f"prompt {i}", "edited": False})
+        gs.write("train", i, np.full((512, 512, 3), i, np.uint8))
+    listed = captions.list_captions(st, gs.id, ["train"])
+    assert [(r["id"], r["prompt"]) for r in listed] == [(st["train"].ids[0], "prompt 0"), (st["train"].ids[1], "prompt 1")]
+    edits = tmp_path / "captions.jsonl"
+    captions.write_jsonl([dict(listed[0], prompt="a new prompt"), listed[1]], edits)
+    summary = captions.import_edits(st, [edits], splits=["test"])  # no record of that split: nothing changes
+    assert (summary.changed, summary.unchanged, summary.group) == ([], 0, gs.id)
+    summary = captions.import_edits(st, [edits], group=gs.id)
+    assert summary.changed == [f"train/{st['train'].ids[0]}"] and summary.unchanged == 1
+    assert captions.read(gs, "train", 0)["prompt"] == "a new prompt" and not gs.done("train")[0]
