@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...errors import CheckpointMismatchError, ConfigError
+from ...errors import CheckpointMismatchError, ConfigError, UnknownBackboneError  # noqa: F401  (importable from here as before)
 from ..aggregation import FUSE_MODES, AggregationConfig, BlockFactory, DynamicAggregation
 
 AGG_PREFIX = "agg."
