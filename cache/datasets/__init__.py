@@ -14,7 +14,8 @@ from __future__ import annotations
 from ...errors import DatasetError
 from . import custom, deblur, dehaze, demo, denoise, derain
 from .base import CheckReport, Dataset
-from .refs import NOISE_CONVENTIONS, Crop, ImageRef, MatBlock, Noise, Pair, Synth
+from .refs import NOISE_CONVENTIONS, Crop, ImageRef, MatBlock, Noise, Pair
+from .synth import Synth
 
 DATASETS: dict[str, Dataset] = {
     ds.name: ds
