@@ -18,7 +18,7 @@ ENV PATH=/opt/tdr/bin:$PATH
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY __init__.py cli.py ./
+COPY __init__.py cli.py demo.py errors.py ./
 COPY cache ./cache
 COPY pipeline ./pipeline
 COPY guided ./guided

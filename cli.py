@@ -1,12 +1,13 @@
 """The ``tdr`` command line: the only place that prints or draws progress.
 
 Library code reports through callbacks and returns values; here they become rich tables and bars.
-A user error (:class:`tdr.cache.errors.TdrError`) is one line on stderr and exit code 1, never a traceback.
+A user error (:class:`tdr.errors.TdrError`) is one line on stderr and exit code 1, never a traceback.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
@@ -16,11 +17,12 @@ from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import __version__
-from .cache.errors import TdrError
+from .errors import TdrError
 from .pipeline.settings import BATCH_SIZE, CAPTION_MODEL, PRESETS, ModelSpec, SamplingSettings
 
 out = Console(soft_wrap=True)
@@ -58,13 +60,14 @@ def user_errors(fn: Callable | None = None, *,
     """
     if fn is None:
         return functools.partial(user_errors, interrupted=interrupted)
+    options = command_options(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except TdrError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+            err.print(f"[bold red]error:[/] {escape(error_line(exc, options))}", highlight=False, markup=True)
             # a failed remote call leaves coroutines that zarr's event loop drops at exit; their
             # "Exception ignored" tracebacks would bury the one line that says what went wrong
             sys.unraisablehook = lambda _: None
@@ -75,6 +78,28 @@ def user_errors(fn: Callable | None = None, *,
             raise typer.Exit(130)
 
     return wrapper
+
+
+def command_options(fn: Callable) -> dict[str, str]:
+    """A command's options by the parameter they set: ``{"batch_size": "--batch-size", "json_path": "--json",
+    "json": "--json", …}`` (keyed by the function's parameter name and by the option's own name)."""
+    options: dict[str, str] = {}
+    for p in inspect.signature(fn).parameters.values():
+        flags = [d.split("/")[0] for d in getattr(p.default, "param_decls", None) or () if d.startswith("--")]
+        if flags:
+            options.setdefault(p.name, flags[0])
+            for flag in flags:
+                options.setdefault(flag[2:].replace("-", "_"), flag)
+    return options
+
+
+def error_line(exc: TdrError, options: dict[str, str]) -> str:
+    """The error's sentence, plus the command's option for the parameter it names (library errors name
+    parameters, e.g. ``patch``; ``tdr train`` sets it with ``--patch``), where the command has one and the
+    sentence does not name it already."""
+    text = str(exc)
+    flag = options.get(getattr(exc, "param", None) or "")
+    return f"{text} (option {flag})" if flag and flag not in text else text
 
 
 RESUMABLE = ("interrupted: continue with the same command plus --resume, from the last step saved in the run's "
@@ -181,10 +206,10 @@ def datasets_check(name: str = typer.Argument(..., help="Dataset name (see 'tdr 
     for col in ("split", "pairs", "expected"):
         table.add_column(col)
     for split, count in report.counts.items():
-        expected = report.expected.get(split) if hasattr(report, "expected") else None
+        expected = report.expected.get(split)
         table.add_row(split, str(count), "" if expected is None else str(expected))
     out.print(table)
-    for note in getattr(report, "notes", []):
+    for note in report.notes:
         out.print(f"note: {note}", highlight=False)
     if report.problems:
         for problem in report.problems:
@@ -225,19 +250,14 @@ def cache_ingest(dataset: str = typer.Option(..., "--dataset", help="Dataset nam
 
     Example: tdr cache ingest --dataset gopro --root ~/data/GOPRO_Large --store gopro.zarr
     """
-    options = {k: v for k, v in {"sigma": sigma, "noise": noise}.items() if v is not None}
-    summary = _ingest(dataset, root, store, split, workers, options, _options(storage_option), repair)
-    _print_ingest(summary)
-
-
-def _ingest(dataset: str, root: Optional[Path], store: str, split: Optional[str], workers: int = 2,
-            options: Optional[dict] = None, storage_options: Optional[dict] = None, repair: bool = False):
     from .cache.ingest import ingest
 
+    options = {k: v for k, v in {"sigma": sigma, "noise": noise}.items() if v is not None}
     with progress_bar("ingest") as update:
-        return ingest(dataset, str(root) if root else None, store, splits=_split_list(split), workers=workers,
-                      options=options, storage_options=storage_options, repair=repair,
-                      progress=lambda s, d, t: update(d, t, f"ingest {s}"))
+        summary = ingest(dataset, str(root) if root else None, store, splits=_split_list(split), workers=workers,
+                         options=options, storage_options=_options(storage_option), repair=repair,
+                         progress=lambda s, d, t: update(d, t, f"ingest {s}"))
+    _print_ingest(summary)
 
 
 def _split_list(text: Optional[str]) -> Optional[list[str]]:
@@ -279,7 +299,14 @@ def cache_info(store: str = typer.Argument(..., help="Store location."),
     facts = info(open_store(store, storage_options=_options(storage_option)))
     if as_json:
         out.print_json(json.dumps(facts))
-        return
+    else:
+        _print_info(facts, store)
+
+
+def _print_info(facts: dict, store: str) -> None:
+    """``tdr cache info`` as tables: the store, its splits, each guidance group."""
+    from .cache.report import UNFINISHED
+
     out.print(f"store {facts['url']}  dataset {facts['dataset']}  {_human(facts['bytes'])} on disk", highlight=False)
     table = Table(title="splits")
     for col in ("split", "degraded", "clean", "dtype", "size"):
@@ -287,8 +314,6 @@ def cache_info(store: str = typer.Argument(..., help="Store location."),
     for name, s in facts["splits"].items():
         table.add_row(name, str(s["images"]), str(s["clean_images"]), s["dtype"], _human(s["bytes"]))
     out.print(table)
-    from .cache.report import UNFINISHED
-
     for name in facts["unfinished_splits"]:
         out.print(f"split '{name}': {UNFINISHED}", highlight=False)
     if not facts["guidance"]:
@@ -348,8 +373,6 @@ def cache_import(store: str = typer.Argument(..., help="Store location."),
 
     Example: tdr cache import-guidance gopro.zarr --split train --from results/gopro_train
     """
-    if layout not in ("center", "full"):
-        raise typer.BadParameter("must be 'center' or 'full'", param_hint="--layout")
     from .cache import open_store
     from .cache.transfer import import_guidance
 
@@ -400,25 +423,17 @@ def cache_captions(store: str = typer.Argument(..., help="Store location."),
 
     Example: tdr cache captions gopro.zarr > captions.jsonl; tdr cache captions gopro.zarr --from captions.jsonl
     """
-    from .cache import captions, open_store
+    from .cache import open_store
+    from .cache.captions import import_edits, list_captions
 
     options = _options(storage_option)
     if not edits:
-        st = open_store(store, storage_options=options)
-        gs = st.guidance(group)
-        if not captions.has_captions(gs):
-            raise TdrError(f"Guidance group {gs.id} has no captions (only --source caption stores them).")
-        for rec in captions.records(gs, _split_list(split)):
+        for rec in list_captions(open_store(store, storage_options=options), group, _split_list(split)):
             print(json.dumps(rec, ensure_ascii=False))
         return
-    st = open_store(store, "a", options)
-    gs = st.guidance(group)
-    records = [rec for path in edits for rec in captions.read_jsonl(path)]
-    if split:
-        records = [r for r in records if r["split"] in _split_list(split)]
-    summary = captions.apply_edits(st, gs, records)
+    summary = import_edits(open_store(store, "a", options), edits, group=group, splits=_split_list(split))
     out.print(f"{len(summary.changed)} caption(s) changed, {summary.unchanged} unchanged; guidance removed for "
-              f"{summary.invalidated} image(s) of group {gs.id}.", highlight=False)
+              f"{summary.invalidated} image(s) of group {summary.group}.", highlight=False)
     if summary.changed:
         out.print("Rerun the same 'tdr generate-guidance --source caption …' to make their guidance from the new "
                   "prompts.", highlight=False)
@@ -713,10 +728,8 @@ def eval_cmd(
     Example: tdr eval --checkpoint runs/gopro-guided/last.pt --store gopro.zarr --json gopro.json --grids 4
     """
     from .guided.config import EvalConfig
-    from .guided.evaluate import check_output_file, evaluate
+    from .guided.evaluate import evaluate
 
-    if json_path is not None:
-        check_output_file(json_path, "--json")  # before the evaluation, not after it
     config = EvalConfig(checkpoint=checkpoint, store=store, dataset=dataset, backbone=backbone, split=split,
                         group=group, tile=tile,
                         overlap=overlap, grids=grids, out=grid_dir, json=str(json_path) if json_path else None,
@@ -732,8 +745,6 @@ def eval_cmd(
                   f"{result.seconds:.1f} s")
     out.print(table)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result.to_dict(), indent=1))
         out.print(f"metrics → {json_path}", highlight=False)
     if result.grids:
         out.print(f"{len(result.grids)} grid(s) → {Path(result.grids[0]).parent}", highlight=False)

@@ -8,7 +8,7 @@ Cases, each in a fresh subprocess so their memory does not mix: the unguided bac
 ``prepare`` alone (shared encoder on X and G, matching, transfer) and the whole guided model. CPU peak
 memory = the process's peak RSS during the run minus its RSS just before; CUDA = torch's peak
 allocation minus the allocation before. The paper's code unfolds about 7 GB (fp32) at its finest level
-for this shape (SPEC §5). Prints a table; ratios are to the backbone measured in the same run.
+for this shape. Prints a table; ratios are to the backbone measured in the same run.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
     for name, r in rows:
         print(f"{name:42s} {r['seconds']:8.2f} {r['seconds'] / base['seconds']:10.2f} "
               f"{r['peak_bytes'] / 2**20:9.0f} {r['peak_bytes'] / max(1, base['peak_bytes']):10.2f}")
-    print("paper's code: ≈ 7 GB (fp32) for its finest-level unfold alone at this shape (SPEC §5)")
+    print("paper's code: ≈ 7 GB (fp32) for its finest-level unfold alone at this shape")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,11 @@ from PIL import Image
 from skimage import data as skdata
 from torch.utils.data import DataLoader, Dataset
 
-from tdr.cache.images import write_png
+from tdr.cache.images import to_float_chw, write_png
 from tdr.cache.ingest import ingest
 from tdr.cache.store import open_store
 from tdr.cache.transfer import import_guidance
-from tdr.guided.data import SampleSequence, TripleDataset, _apply, _to_tensor, augment_ops
+from tdr.guided.data import SampleSequence, TripleDataset, _apply, augment_ops
 
 
 def make_frames(root: Path, n: int, size=(720, 1280)) -> None:
@@ -62,9 +62,9 @@ class PngTriples(Dataset):
         p = self.ref.patch
         top, left = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
         flip, rot = augment_ops(rng)
-        lq = _apply(_to_tensor(lq_full[top:top + p, left:left + p]), flip, rot)
-        gt = _apply(_to_tensor(gt_full[top:top + p, left:left + p]), flip, rot)
-        return {"lq": lq, "gt": gt, "guidance": _apply(_to_tensor(guide), flip, rot)}
+        lq = _apply(to_float_chw(lq_full[top:top + p, left:left + p]), flip, rot)
+        gt = _apply(to_float_chw(gt_full[top:top + p, left:left + p]), flip, rot)
+        return {"lq": lq, "gt": gt, "guidance": _apply(to_float_chw(guide), flip, rot)}
 
 
 def rate(dataset: Dataset, samples: int, workers: int, batch: int) -> tuple[float, list]:

@@ -6,7 +6,8 @@ Layout, inside a guidance group::
                                                           {"raw": caption, "prompt": what SD got, "edited": bool}
 
 One chunk per image, written by the writer of that image's guidance and *before* it, so guidance never
-exists without the caption it was made from, and concurrent writers stay safe (STACK.md: distinct chunks).
+exists without the caption it was made from, and concurrent writers stay safe (zarr writes distinct chunks
+independently, so writers of different images never touch the same object).
 
 Fixing captions by hand: ``tdr cache captions STORE > captions.jsonl`` (or the ``captions.jsonl`` that
 ``tdr cache export`` writes beside the PNGs), edit the ``prompt`` of some lines, then
@@ -27,7 +28,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from .errors import StoreError
+from ..errors import StoreError
 from .store import _COMPRESSORS, GuidanceSet, Store
 
 LENGTH = 2048  # bytes of UTF-8 JSON per record
@@ -149,11 +150,33 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+def list_captions(store: Store, group: str | None = None, splits: Iterable[str] | None = None) -> list[dict]:
+    """The caption records (see :func:`records`) of guidance group ``group`` (default: the store's);
+    StoreError if that group holds no captions."""
+    gs = store.guidance(group)
+    if not has_captions(gs):
+        raise StoreError(f"Guidance group {gs.id} has no captions (only the caption source stores them).",
+                         param="group")
+    return records(gs, splits)
+
+
 @dataclass
 class EditSummary:
     changed: list[str] = field(default_factory=list)   # "split/id" of images whose prompt changed
     unchanged: int = 0
     invalidated: int = 0                                # guidance chunks removed (changed images + equal pixels)
+    group: str = ""                                     # the guidance group edited
+
+
+def import_edits(store: Store, paths: Iterable[str | Path], *, group: str | None = None,
+                 splits: Iterable[str] | None = None) -> EditSummary:
+    """Store the prompts of captions.jsonl files ``paths`` (only records of ``splits``, if given) in
+    guidance group ``group`` (default: the store's), as :func:`apply_edits` does."""
+    gs = store.guidance(group)
+    edits = [rec for path in paths for rec in read_jsonl(path)]
+    if splits:
+        edits = [rec for rec in edits if rec["split"] in set(splits)]
+    return apply_edits(store, gs, edits)
 
 
 def apply_edits(store: Store, gs: GuidanceSet, edits: Iterable[Mapping]) -> EditSummary:
@@ -165,14 +188,14 @@ def apply_edits(store: Store, gs: GuidanceSet, edits: Iterable[Mapping]) -> Edit
     from .merge import rows_by_content
 
     plan: list[tuple[Row, dict]] = []
-    summary = EditSummary()
+    summary = EditSummary(group=gs.id)
     for rec in edits:
         split, image_id = rec["split"], rec["id"]
         row = (split, store[split].index(image_id))
         old = read(gs, *row)
         if old is None:
             raise StoreError(f"Image '{image_id}' of split '{split}' has no caption in guidance group {gs.id}; "
-                             "generate it with --source caption first.")
+                             "generate it with the caption source ('tdr generate-guidance --source caption') first.")
         prompt = " ".join(str(rec["prompt"]).split())
         if not prompt:
             raise StoreError(f"The new prompt of '{split}/{image_id}' is empty.")

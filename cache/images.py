@@ -1,4 +1,5 @@
-"""Reading and writing dataset images as (H,W,3) uint8 or uint16 arrays.
+"""Reading and writing dataset images as (H,W,3) uint8 or uint16 arrays, and their conversions
+(to 8 bits, to channel-first float tensors, resized squares) that both halves use.
 
 Pillow decodes 48/64-bit PNGs (16-bit RGB/RGBA, e.g. DPDD) to 8 bits and cannot write them, so 16-bit
 colour PNGs are decoded twice by Pillow's own PNG decoder (high bytes, then low bytes) and written by a
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageReadError
+from ..errors import ImageReadError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -84,6 +85,34 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
         Image.fromarray(array.astype("<u2")).save(path, format="PNG")
     else:
         path.write_bytes(_encode_png16(array))
+
+
+# ------------------------------------------------------------------------------------------ conversions
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """(…) uint16 → uint8 by x / 257 rounded (65535 → 255); uint8 arrays are returned as they are."""
+    if img.dtype == np.uint16:
+        return (img.astype(np.float32) / 257.0).round().astype(np.uint8)
+    return img
+
+
+def to_float_chw(img: np.ndarray):
+    """(H,W,C) uint8 / uint16 / float array → (C,H,W) float32 torch tensor: integers scaled to [0,1]
+    by 255 or 65535, floats kept as they are."""
+    import torch  # the cache itself needs no torch; only the halves that ask for tensors do
+
+    t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
+    if img.dtype in (np.uint8, np.uint16):
+        t.div_(65535.0 if img.dtype == np.uint16 else 255.0)
+    return t
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """(H,W,3) uint8 → (size,size,3) uint8, Pillow's bicubic (no copy when it already has that size)."""
+    if img.shape[:2] == (size, size):
+        return img
+    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((size, size), Image.Resampling.BICUBIC))
 
 
 # ---------------------------------------------------------------------------------------------- reading

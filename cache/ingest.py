@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import zarr
 
-from .errors import DataIntegrityError, DatasetError, StoreError, TdrError
+from ..errors import DataIntegrityError, DatasetError, StoreError, TdrError
 from .store import _COMPRESSORS, Store, create_store, pixel_sha256
 
 SSIM_WINDOW = 11  # the metrics' Gaussian SSIM window (guided/metrics.py): images need this side after cropping
@@ -82,7 +82,7 @@ def ingest(dataset: str, root: str | None, url: str, *, splits: Sequence[str] | 
             have = store[split]
             if have.ids != [p.id for p in pairs]:
                 raise StoreError(f"Store {url} already holds split '{split}' with other images "
-                                 f"({len(have)} stored vs {len(pairs)} found); use a new --store.")
+                                 f"({len(have)} stored vs {len(pairs)} found); use a new store.", param="store")
             fixed = check_split(store, split, pairs, repair=repair, progress=progress, workers=workers)
             summary.splits.append(SplitSummary(split, len(have), len(set(have.gt_keys)),
                                                "repaired" if fixed else "present", fixed))
@@ -115,7 +115,7 @@ def check_split(store: Store, split: str, pairs: Sequence["Pair"], *, repair: bo
             kind = "degraded" if part == "lq" else "clean"
             raise StoreError(f"The {kind} image '{name}' of split '{split}' has other pixels in the dataset folder "
                              f"than in {store.url} (changed under the same id); the store's guidance was made from "
-                             "the old pixels: ingest into a new --store.")
+                             "the old pixels: ingest into a new store.", param="store")
         i = row if part == "lq" else sp.index(name)
         try:
             sp.read_lq(i) if part == "lq" else sp.read_gt(i)
@@ -129,8 +129,8 @@ def check_split(store: Store, split: str, pairs: Sequence["Pair"], *, repair: bo
         part, _, name, _ = damaged[0]
         raise DataIntegrityError(
             f"{len(damaged)} stored image(s) of split '{split}' in {store.url} are missing or corrupt (first: "
-            f"{'degraded' if part == 'lq' else 'clean'} '{name}'); run the same 'tdr cache ingest' with --repair "
-            "to rewrite them from the dataset folder.")
+            f"{'degraded' if part == 'lq' else 'clean'} '{name}'); ingest again with repair to rewrite them "
+            "from the dataset folder ('tdr cache ingest --repair').", param="repair")
     store._require_writable()
     for part, row, _, img in damaged:
         arr = sp.group[part]
@@ -141,7 +141,7 @@ def check_split(store: Store, split: str, pairs: Sequence["Pair"], *, repair: bo
 def list_pairs(ds, root: str | None, splits: Sequence[str] | None) -> dict[str, list["Pair"]]:
     """Pairs per split; with ``splits`` None, every split the dataset has under ``root``."""
     if getattr(ds, "needs_root", True) and root is None:
-        raise DatasetError(f"Dataset '{ds.name}' needs --root pointing at the downloaded folder.")
+        raise DatasetError(f"Dataset '{ds.name}' needs root: the downloaded folder.", param="root")
     wanted = list(splits) if splits else list(available_splits(ds, root))
     if not wanted:
         raise DatasetError(f"No split of '{ds.name}' found under {root}; expected layout:\n{ds.layout}")
@@ -296,7 +296,7 @@ def _require_split(store: Store, split: str, attrs: dict) -> "zarr.Group | None"
             if have.get("complete"):
                 if not same:
                     raise StoreError(f"Store {store.url} already holds split '{split}' with other images; "
-                                     "use a new --store.")
+                                     "use a new store.", param="store")
                 return None
             if same:
                 return g

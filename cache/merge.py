@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import FingerprintMismatch, StoreError
+from ..errors import FingerprintMismatch, StoreError
 from .fingerprint import describe_difference
 from .store import GuidanceSet, Store
 

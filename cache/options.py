@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
-from .errors import TdrError
+from ..errors import TdrError
 
 ENV = "TDR_STORAGE_OPTIONS"
 
@@ -33,7 +33,8 @@ def parse_storage_options(pairs: Sequence[str] = (), environ: Mapping[str, str] 
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
-            raise TdrError("--storage-option needs KEY=VALUE (one was given without '=' or without a key).")
+            raise TdrError("A storage option needs KEY=VALUE (one was given without '=' or without a key).",
+                           param="storage_option")
         try:
             value = json.loads(text)
         except json.JSONDecodeError:

@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from . import captions
-from .errors import DataIntegrityError
+from ..errors import DataIntegrityError
 from .store import Store, pixel_sha256
 
 

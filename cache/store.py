@@ -24,8 +24,8 @@ rectangle of the frame a guidance image is about: the centre square of the short
 CRC32C checksum. Readers never take a missing chunk for zeros: an image whose shard (or guidance chunk)
 is absent, or whose chunk fails its checksum, raises :class:`DataIntegrityError` naming the image, its
 split and the command that repairs it; whole-image reads also re-check the image's sha256. An image's guidance is *done* when its chunk exists and its checksum passes, so a
-killed job resumes by skipping done images and concurrent writers need no lock (STACK.md: distinct
-chunks are safe; guidance is never sharded).
+killed job resumes by skipping done images and concurrent writers need no lock (zarr writes distinct
+chunks independently; guidance is never sharded, so no two images share a chunk).
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from .errors import DataIntegrityError, FingerprintMismatch, StoreError
+from ..errors import ConfigError, DataIntegrityError, FingerprintMismatch, StoreError, StoreNotFoundError
 from .fingerprint import describe_difference, fingerprint_id
+from .layout import LAYOUTS  # noqa: F401  (a store's layouts; defined with the layout geometry)
 
 SCHEMA = 1
 TILE = 128
 GUIDANCE_SIZE = 512
 PROVENANCES = ("generated", "aligned", "unknown")
-LAYOUTS = ("center", "full")  # what a guidance image is about: the frame's centre square, or the whole frame
 _COMPRESSORS = (ZstdCodec(level=3), Crc32cCodec())
 
 
@@ -62,21 +62,18 @@ def _utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _display(url: str) -> str:
-    return str(url)
-
-
 def open_store(url: str, mode: str = "r", storage_options: Mapping[str, Any] | None = None) -> "Store":
     """Open an existing tdr store (local path or fsspec URL); ``mode`` "r" reads, "a" also writes."""
     if mode not in ("r", "a"):
-        raise ValueError("mode must be 'r' or 'a'")
+        raise ConfigError(f"mode must be 'r' or 'a', not {mode!r}.")
     storage_options = _storage_options(url, storage_options)
     try:
         group = zarr.open_group(str(url), mode="r" if mode == "r" else "r+", storage_options=storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        raise StoreError(f"No tdr store at {_display(url)}; create one with 'tdr cache ingest --store {url}'.") from None
+        raise StoreNotFoundError(f"No tdr store at {url}; create one by ingesting a dataset into it "
+                                 "('tdr cache ingest').") from None
     except Exception as exc:  # network, credentials, malformed metadata
-        raise StoreError(f"Cannot open store {_display(url)}: {_one_line(exc)}.") from None
+        raise StoreError(f"Cannot open store {url}: {_one_line(exc)}.") from None
     return Store(group, url, read_only=(mode == "r"))
 
 
@@ -102,9 +99,8 @@ def create_store(url: str, *, dataset: str, metric: Mapping[str, Any],
     """
     try:
         return open_store(url, "a", storage_options)
-    except StoreError as exc:
-        if "No tdr store" not in str(exc):
-            raise
+    except StoreNotFoundError:
+        pass
     attributes = {"tdr_schema": SCHEMA, "dataset": dataset, "metric": dict(metric), "tile": TILE,
                   "dataset_options": dict(options or {}), "created": _utc_now(), "guidance_default": None}
     try:
@@ -113,7 +109,7 @@ def create_store(url: str, *, dataset: str, metric: Mapping[str, Any],
     except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
         return open_store(url, "a", storage_options)  # another process created it a moment ago
     except Exception as exc:
-        raise StoreError(f"Cannot create store {_display(url)}: {_one_line(exc)}.") from None
+        raise StoreError(f"Cannot create store {url}: {_one_line(exc)}.") from None
     return Store(group, url, read_only=False)
 
 
@@ -219,7 +215,7 @@ class Store:
         """
         self._require_writable()
         if provenance not in PROVENANCES:
-            raise ValueError(f"provenance must be one of {', '.join(PROVENANCES)}, not {provenance!r}")
+            raise ConfigError(f"provenance must be one of {', '.join(PROVENANCES)}, not {provenance!r}.")
         fingerprint = dict(fingerprint, size=int(size))
         gid = fingerprint_id(fingerprint)
         ids = self.guidance_ids()
@@ -232,8 +228,8 @@ class Store:
             current = self.guidance()
             raise FingerprintMismatch(
                 f"Store {self.url} holds guidance made with other settings "
-                f"({describe_difference(current.fingerprint, fingerprint)}); use a new --store, or pass "
-                "--force to add a second guidance group to this store.")
+                f"({describe_difference(current.fingerprint, fingerprint)}); use a new store, or pass "
+                "force to add a second guidance group to this store.", param="force")
         parent = self.group.require_group("guidance")
         try:
             sub = parent.create_group(gid, attributes={"fingerprint": fingerprint, "size": int(size),
@@ -364,7 +360,7 @@ class Split:
         store = f" of {self.url}" if self.url else ""
         return DataIntegrityError(
             f"The {kind} image '{self.ids[i]}' of split '{self.name}'{store} cannot be read: {what}; "
-            f"restore it with 'tdr cache ingest --repair' (same --dataset, --root and --store), then "
+            f"restore it with 'tdr cache ingest --repair' (same dataset, root and store), then "
             f"check with 'tdr cache verify'.", what)
 
     def lq_sha(self, i: int | None = None) -> np.ndarray:

@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from . import captions
-from .errors import StoreError
-from .images import read_image, write_png
+from ..errors import StoreError
+from .images import IMAGE_SUFFIXES, read_image, resize_square, to_uint8, write_png
 from .ingest import bounded_map
-from .store import LAYOUTS, Store
+from .layout import check_layout
+from .store import Store
 
 IMPORTED_FINGERPRINT = {"kind": "imported"}  # plus provenance/layout/label where not the defaults
-_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 FLAT_SEPARATOR = "_"  # stands for "/" in flat file names of nested ids (a clash is refused)
@@ -41,7 +40,7 @@ def _image_files(folder: Path) -> dict[str, list[Path]]:
     """Image files under ``folder`` (any depth) by their path without extension, '/'-separated."""
     files: dict[str, list[Path]] = {}
     for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in _EXTS and path.is_file():
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             files.setdefault(path.relative_to(folder).with_suffix("").as_posix(), []).append(path)
     return files
 
@@ -72,19 +71,14 @@ def match_files(folder: Path, ids: list[str]) -> tuple[dict[int, Path], list[str
 
 def _to_guidance(img: np.ndarray, size: int) -> np.ndarray:
     """(H, W, 3) uint8/uint16 → (size, size, 3) uint8, bicubic."""
-    if img.dtype == np.uint16:
-        img = (img.astype(np.float32) / 257.0).round().astype(np.uint8)
-    if img.shape[:2] != (size, size):
-        img = np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
-    return np.ascontiguousarray(img[..., :3])
+    return np.ascontiguousarray(resize_square(to_uint8(img), size)[..., :3])
 
 
 def imported_fingerprint(*, aligned: bool = False, layout: str = "center", label: str | None = None) -> dict:
     """Fingerprint of an imported guidance group. Imports declared differently (aligned or not, the
     layout, a label naming the source) are different groups; the defaults give the fingerprint that
     imports had before these settings existed, so such groups are continued, not duplicated."""
-    if layout not in LAYOUTS:
-        raise StoreError(f"layout must be one of {', '.join(LAYOUTS)}, not '{layout}'.")
+    check_layout(layout)
     fp = dict(IMPORTED_FINGERPRINT)
     if aligned:
         fp["provenance"] = "aligned"

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..cache.errors import TdrError
+from ..errors import TdrError
 from ..runs.checkpoint import Migrations, load
 
 SCHEMA = 3

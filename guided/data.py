@@ -13,32 +13,21 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..cache import open_store
-from ..cache.errors import StoreError
+from ..cache.images import resize_square, to_float_chw, to_uint8
+from ..cache.layout import layout_region
+from ..errors import ConfigError, StoreError
 
 GUIDANCE_MODES = ("cache", "none", "degraded")
 
 
-def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8/uint16 → (3, H, W) float32 in [0, 1]."""
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(scale)
-
-
 def layout_square(img: np.ndarray, size: int, layout: str) -> np.ndarray:
     """What the generation half feeds Stable Diffusion: the centre square ("center") or the whole frame
-    ("full"), resized to ``size``² — used to make degraded-image guidance comparable to real guidance."""
-    h, w = img.shape[:2]
-    if layout == "center":
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        img = img[top:top + s, left:left + s]
-    if img.dtype == np.uint16:
-        img = (img.astype(np.float32) / 257.0).round().astype(np.uint8)
-    return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((size, size), Image.Resampling.BICUBIC))
+    ("full") as 8-bit, resized to ``size``² — used to make degraded-image guidance comparable to real
+    guidance. (H,W,3) uint8/uint16 → (size,size,3) uint8."""
+    return resize_square(to_uint8(layout_region(img, layout)), size)
 
 
 def augment_ops(rng: np.random.Generator) -> tuple[bool, int]:
@@ -77,9 +66,10 @@ class TripleDataset(Dataset):
                  augment: bool = True, seed: int = 0, swap: float = 0.0,
                  storage_options: Mapping[str, Any] | None = None):
         if guidance not in GUIDANCE_MODES:
-            raise ValueError(f"guidance must be one of {GUIDANCE_MODES}")
+            raise ConfigError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, not {guidance!r}.",
+                              param="guidance")
         if not 0.0 <= swap <= 1.0:
-            raise ValueError(f"swap must be a probability in [0, 1], not {swap}")
+            raise ConfigError(f"swap must be a probability in [0, 1], not {swap}.", param="swap")
         self.url, self.split, self.patch, self.guidance_mode = url, split, int(patch), guidance
         self.group, self.augment, self.seed, self.swap = group, augment, int(seed), float(swap)
         self.storage_options = dict(storage_options) if storage_options else None
@@ -88,15 +78,16 @@ class TripleDataset(Dataset):
         self.n = len(sp)
         small = [sp.ids[i] for i in range(self.n) if min(sp.lq_size(i)) < self.patch]
         if small:
-            raise StoreError(f"Image '{small[0]}' of split '{split}' is smaller than --patch {self.patch}; "
-                             "use a smaller patch.")
+            raise StoreError(f"Image '{small[0]}' of split '{split}' is smaller than patch {self.patch}; "
+                             "use a smaller patch.", param="patch")
         if guidance == "cache":
             gs = store.guidance(group)
             done = gs.done(split, check=False)
             if not done.all():
                 missing = sp.ids[int(np.flatnonzero(~done)[0])]
                 raise StoreError(f"{int((~done).sum())} image(s) of split '{split}' have no guidance yet "
-                                 f"(first: '{missing}'); finish 'tdr generate-guidance' or use --guidance none.")
+                                 f"(first: '{missing}'); finish 'tdr generate-guidance' or use guidance 'none'.",
+                                 param="guidance")
             self.group = gs.id
             self.guidance_size = gs.size
             self.layout = gs.layout
@@ -140,18 +131,18 @@ class TripleDataset(Dataset):
         left = int(rng.integers(0, w - self.patch + 1))
         box = (top, left, self.patch, self.patch)
         flip, rot = augment_ops(rng) if self.augment else (False, 0)
-        lq = _apply(_to_tensor(sp.read_lq(i, box)), flip, rot)
-        gt = _apply(_to_tensor(sp.read_gt(i, box)), flip, rot)
+        lq = _apply(to_float_chw(sp.read_lq(i, box)), flip, rot)
+        gt = _apply(to_float_chw(sp.read_gt(i, box)), flip, rot)
         # the guidance turns with the crop, so the crop's place in the (turned) full frame stays known
         tbox, tfull = transform_box(box, (h, w), flip, rot)
         item = {"lq": lq, "gt": gt, "index": torch.tensor(i), "box": torch.tensor(tbox),
                 "full_size": torch.tensor(tfull)}
         j = self.guidance_image(k, i)
         if self.guidance_mode == "cache":
-            item["guidance"] = _apply(_to_tensor(self._guid.read(self.split, j)), flip, rot)
+            item["guidance"] = _apply(to_float_chw(self._guid.read(self.split, j)), flip, rot)
         elif self.guidance_mode == "degraded":
             guide = layout_square(sp.read_lq(j), self.guidance_size, self.layout)
-            item["guidance"] = _apply(_to_tensor(guide), flip, rot)
+            item["guidance"] = _apply(to_float_chw(guide), flip, rot)
         return item
 
     def guidance_image(self, k: int, i: int) -> int:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -21,7 +22,8 @@ import torch
 from PIL import Image
 
 from ..cache import open_store
-from ..cache.errors import StoreError, TdrError
+from ..errors import CheckpointError, OutputPathError, StoreError
+from ..cache.images import to_float_chw, to_uint8
 from ..cache.ingest import min_side
 from .aggregation import guidance_box
 from ..runs.checkpoint import load
@@ -100,9 +102,7 @@ def restore(model: torch.nn.Module, lq: torch.Tensor, guidance: torch.Tensor | N
 
 def to_tensor(img: np.ndarray, device=None) -> torch.Tensor:
     """(H,W,3) uint8/uint16 → (1,3,H,W) float32 in [0,1]."""
-    scale = 65535.0 if img.dtype == np.uint16 else 255.0
-    t = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float().div_(scale)
-    return t[None].to(device)
+    return to_float_chw(img)[None].to(device)
 
 
 def metric_convention(metric: dict[str, Any]) -> MetricConvention:
@@ -143,8 +143,8 @@ def load_run(path: str | Path, *, use_ema: bool = True, device=None,
     ckpt = load(path)
     if not is_run_checkpoint(ckpt):
         if backbone is None:
-            raise TdrError(f"{path} is not a tdr training checkpoint; to score official weights, name "
-                           "their backbone (backbone, e.g. nafnet).")
+            raise CheckpointError(f"{path} is not a tdr training checkpoint; to score official weights, name "
+                                  "their backbone (backbone, e.g. nafnet).", param="backbone")
         model = build_backbone(backbone, guided=False)  # an unknown name: UnknownBackboneError, with the choices
         load_backbone_checkpoint(model, ckpt)
         return model.to(device).eval(), {"backbone": backbone, "guidance": "none", "group": None}
@@ -156,10 +156,6 @@ def load_run(path: str | Path, *, use_ema: bool = True, device=None,
 
 
 # -- grids --------------------------------------------------------------------------------------------
-def _u8(img: np.ndarray) -> np.ndarray:
-    return (img.astype(np.float32) / 257.0).round().astype(np.uint8) if img.dtype == np.uint16 else img
-
-
 GRID_LABEL_HEIGHT = 14  # px of the strip above each grid panel holding its name
 
 
@@ -176,13 +172,13 @@ def grid_image(lq: np.ndarray, guidance: np.ndarray | None, restored: np.ndarray
     from PIL import ImageDraw
 
     h = lq.shape[0]
-    panels = [_u8(lq)]
+    panels = [to_uint8(lq)]
     if guidance is not None:
         gw = max(1, round(h * guidance.shape[1] / guidance.shape[0]))
         panels.append(np.asarray(Image.fromarray(guidance).resize((gw, h), Image.Resampling.BICUBIC)))
     panels.append(restored)
     if gt is not None:
-        panels.append(_u8(gt))
+        panels.append(to_uint8(gt))
     names = grid_panels(guidance is not None, gt is not None)
     white = np.full((h, gap, 3), 255, np.uint8)
     parts = []
@@ -204,10 +200,13 @@ def _safe(name: str) -> str:
 
 # -- the evaluation ---------------------------------------------------------------------------------
 def evaluate(config: EvalConfig, progress: Progress | None = None) -> EvalResult:
-    """Score a run checkpoint on ``config.split`` of ``config.store``; see the module docstring."""
+    """Score a run checkpoint on ``config.split`` of ``config.store``; see the module docstring. With
+    ``config.json`` set, the result (``EvalResult.to_dict()``) is also written there as JSON."""
     t0 = time.perf_counter()
+    if config.json:
+        check_output_file(Path(config.json), "json")  # before the evaluation, not after it
     if config.grids:
-        check_output_dir(Path(config.out) if config.out else Path(config.checkpoint).parent, "--out")
+        check_output_dir(Path(config.out) if config.out else Path(config.checkpoint).parent, "out")
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     store = open_store(config.store)
     if config.dataset and store.dataset != config.dataset:
@@ -252,30 +251,37 @@ def evaluate(config: EvalConfig, progress: Progress | None = None) -> EvalResult
             progress({"event": "image", "done": i + 1, "total": n, "name": sp.ids[i], **avg.rows[-1]})
     mean = avg.mean()
     rows = [dict(r, input_psnr=p) for r, p in zip(avg.rows, inputs)]
-    return EvalResult(psnr=mean.get("psnr", float("nan")), ssim=mean.get("ssim", float("nan")), n=n, rows=rows,
-                      input_psnr=float(np.mean(inputs)) if inputs else float("nan"), metric=conv.to_dict(),
-                      split=config.split, checkpoint=str(config.checkpoint), guidance=run_cfg["guidance"],
-                      grids=grids, seconds=time.perf_counter() - t0)
+    result = EvalResult(psnr=mean.get("psnr", float("nan")), ssim=mean.get("ssim", float("nan")), n=n, rows=rows,
+                        input_psnr=float(np.mean(inputs)) if inputs else float("nan"), metric=conv.to_dict(),
+                        split=config.split, checkpoint=str(config.checkpoint), guidance=run_cfg["guidance"],
+                        grids=grids, seconds=time.perf_counter() - t0)
+    if config.json:
+        Path(config.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(config.json).write_text(json.dumps(result.to_dict(), indent=1))
+    return result
 
 
-def check_output_dir(path: Path, option: str) -> None:
-    """``path`` is a folder, or can be made one under a writable parent; else one clear error."""
-    path = Path(path)
+def check_output_dir(path: Path, param: str) -> None:
+    """``path`` (the value of parameter ``param``) is a folder, or can be made one under a writable
+    parent; else one clear error naming ``param``."""
+    path, name = Path(path), param.lstrip("-")
     if path.exists() and not path.is_dir():
-        raise TdrError(f"{option} {path} is a file, not a folder; choose a folder.")
+        raise OutputPathError(f"{name} {path} is a file, not a folder; choose a folder.", param=name)
     parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise TdrError(f"{option} {path}: cannot create or write in {parent}; choose a writable folder.")
+        raise OutputPathError(f"{name} {path}: cannot create or write in {parent}; choose a writable folder.",
+                              param=name)
 
 
-def check_output_file(path: Path, option: str) -> None:
+def check_output_file(path: Path, param: str) -> None:
     """``path`` can be written as a file: not a folder, its folder exists or can be made, writable."""
-    path = Path(path)
+    path, name = Path(path), param.lstrip("-")
     if path.is_dir():
-        raise TdrError(f"{option} {path} is a folder; give a file name, e.g. {path / 'metrics.json'}.")
+        raise OutputPathError(f"{name} {path} is a folder; give a file name, e.g. {path / 'metrics.json'}.",
+                              param=name)
     if path.exists() and not os.access(path, os.W_OK):
-        raise TdrError(f"{option} {path} exists and is not writable.")
-    check_output_dir(path.parent, option)
+        raise OutputPathError(f"{name} {path} exists and is not writable.", param=name)
+    check_output_dir(path.parent, name)
 
 
 def _chw(img: np.ndarray) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """PSNR and SSIM exactly as image-restoration papers compute them.
 
-Conventions (shared/DATASETS.md, "Metrics"):
+Conventions (those of BasicSR, which the restoration papers use):
 
 - Metrics are computed on *quantised* images: a float output ``x`` in [0,1] becomes
   ``clip(round(x·L), 0, L)`` with ``L = 255`` (8-bit) or ``L = 65535`` (16-bit, e.g. DPDD) before any
@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pytorch_msssim import ssim as _msssim_ssim
+
+from ..errors import ConfigError, MissingDependencyError
 
 __all__ = [
     "SSIM_VARIANTS",
@@ -209,7 +211,7 @@ def ssim(
     A batch gives the mean of per-image values.
     """
     if variant not in SSIM_VARIANTS:
-        raise ValueError(f"unknown SSIM variant {variant!r}; choose one of {', '.join(SSIM_VARIANTS)}.")
+        raise ConfigError(f"unknown SSIM variant {variant!r}; choose one of {', '.join(SSIM_VARIANTS)}.")
     x, y, peak = _preprocess(pred, target, crop_border, y_channel, data_range)
     if variant == "basicsr":
         per_image = _ssim_basicsr(x, y, peak)
@@ -284,13 +286,13 @@ class MetricConvention:
 
     def __post_init__(self) -> None:
         if not isinstance(self.y_channel, bool):
-            raise ValueError(f"metric convention: y_channel must be true or false, got {self.y_channel!r}.")
+            raise ConfigError(f"metric convention: y_channel must be true or false, got {self.y_channel!r}.")
         if isinstance(self.crop_border, bool) or not isinstance(self.crop_border, int) or self.crop_border < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"metric convention: crop_border must be a non-negative integer, got {self.crop_border!r}."
             )
         if self.ssim not in SSIM_VARIANTS:
-            raise ValueError(f"metric convention: ssim must be one of {', '.join(SSIM_VARIANTS)}, got {self.ssim!r}.")
+            raise ConfigError(f"metric convention: ssim must be one of {', '.join(SSIM_VARIANTS)}, got {self.ssim!r}.")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> MetricConvention:
@@ -298,7 +300,7 @@ class MetricConvention:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"metric convention: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}."
             )
         return cls(**d)
@@ -327,9 +329,7 @@ def realblur_scores(pred: Any, target: Any, *, data_range: int | None = None) ->
     try:
         import cv2
     except ImportError:
-        from ..cache.errors import TdrError
-
-        raise TdrError("RealBlur's aligned scores need OpenCV: pip install opencv-python-headless.") from None
+        raise MissingDependencyError("RealBlur's aligned scores need OpenCV: pip install opencv-python-headless.") from None
     from skimage.metrics import structural_similarity
 
     x, z, peak = _prepare(pred, target, data_range)  # x: output, z: ground truth, float64 on [0, L]

@@ -1,4 +1,4 @@
-"""Stand-ins for generated guidance whose relation to the input is known (SPEC §7).
+"""Stand-ins for generated guidance whose relation to the input is known.
 
 Guidance that Stable Diffusion renders keeps the input's content and textures, not its pixel geometry:
 the mapper averages CLIP's patch tokens, SD is conditioned by 20 words, and composition follows the
@@ -28,7 +28,9 @@ from PIL import Image
 from scipy import ndimage
 
 from ..cache import open_store
+from ..cache.layout import layout_box
 from ..cache.transfer import import_guidance
+from ..errors import ConfigError
 
 GUIDANCE_SIZE = 512
 STAND_INS = ("views", "unrelated", "aligned")
@@ -62,19 +64,13 @@ def _render(img: np.ndarray, A: np.ndarray, size: int, rng: np.random.Generator,
     return np.clip(moved, 0, 255).round().astype(np.uint8)
 
 
-def _square(h: int, w: int) -> tuple[float, float, float]:
-    """(top, left, side) of the centre square of an (h, w) frame: what "center" guidance is about."""
-    side = float(min(h, w))
-    return (h - side) / 2, (w - side) / 2, side
-
-
 def content_view(gt: np.ndarray, rng: np.random.Generator, ranges: ViewRanges = ViewRanges(),
                  size: int = GUIDANCE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """The clean image's content re-composed, as generated guidance would show it: its centre square
     rescaled by s, moved by t (a fraction of the side, any direction), mirrored half the time, about the
     guidance's centre. Returns (guidance (size,size,3) uint8, A (2,3): input pixel → guidance pixel)."""
     h, w = gt.shape[:2]
-    top, left, side = _square(h, w)
+    top, left, side, _ = layout_box("center", h, w)  # what "center" guidance is about
     k = size / side  # guidance pixels per input pixel of the centre square
     s = float(np.exp(rng.uniform(*np.log(ranges.scale))))
     flip = -1.0 if rng.random() < ranges.mirror else 1.0
@@ -93,7 +89,7 @@ def aligned_content(gt: np.ndarray, rng: np.random.Generator, shift: float = 12.
     """The clean frame moved by p ↦ s·(p − c) + c + d (shift ≤ ``shift`` px, s = 1 ± 4 %), colour-jittered,
     then laid out as "center" guidance (centre square resized to ``size``²). Returns (guidance, A)."""
     h, w = gt.shape[:2]
-    top, left, side = _square(h, w)
+    top, left, side, _ = layout_box("center", h, w)
     s = float(rng.uniform(0.96, 1.04))
     d = rng.uniform(-shift, shift, 2)
     c = np.array([(h - 1) / 2, (w - 1) / 2])
@@ -118,7 +114,7 @@ def make_guidance(url: str, folder: Path, kind: str = "views", *, seed: int = 0,
     Aligned-content is imported as ``aligned`` (its geometry follows the input); the others as unknown,
     like guidance of unknown geometry. Returns each image's truth {"A": …} (None: unrelated) by id."""
     if kind not in STAND_INS:
-        raise ValueError(f"kind must be one of {', '.join(STAND_INS)}, not {kind!r}")
+        raise ConfigError(f"kind must be one of {', '.join(STAND_INS)}, not {kind!r}.")
     store = open_store(url, "a")
     truth: dict[str, dict | None] = {}
     for split in store.splits:

@@ -6,7 +6,7 @@ copies, in every call (conditional and unconditional halves of a CFG batch alike
 ``to_k`` / ``to_v`` stay untouched and unused.
 
 Backends: torch SDPA (default) or xformers' ``memory_efficient_attention`` when xformers imports *and* runs
-a small attention on the device (its wheels are often built for another torch; see STACK.md).
+a small attention on the device (its wheels are often built for another torch version).
 :func:`select_backend` probes that once; the processor records which backend it actually ran
 (``last_backend``).
 """
@@ -18,6 +18,8 @@ import functools
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ..errors import ConfigError, MissingDependencyError
 
 BACKENDS = ("auto", "sdpa", "xformers")
 
@@ -41,10 +43,11 @@ def xformers_works(device_type: str) -> bool:
 def select_backend(requested: str, device: torch.device | str) -> str:
     """``auto`` -> ``xformers`` if it truly works on ``device``, else ``sdpa``; ``xformers`` must work."""
     if requested not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {requested!r}")
+        raise ConfigError(f"attention must be one of {', '.join(BACKENDS)}, not {requested!r}.", param="attention")
     works = xformers_works(torch.device(device).type)
     if requested == "xformers" and not works:
-        raise RuntimeError("xformers was requested but does not load or run on this device")
+        raise MissingDependencyError("attention 'xformers' was asked for, but xformers does not load or run on this "
+                                     "device; use attention 'sdpa' or 'auto'.", param="attention")
     if requested == "auto":
         return "xformers" if works else "sdpa"
     return requested

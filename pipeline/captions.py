@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache.errors import ModelNotFoundError, TdrError
+from ..errors import ModelNotFoundError, TdrError
 from .hub import TRANSFORMERS_WEIGHTS, quiet, resolve, weight_files
 from .settings import CAPTION_MODEL
 
@@ -58,12 +58,13 @@ def load_captioner(name: str | os.PathLike = CAPTION_MODEL, *, device: torch.dev
                    dtype: torch.dtype = torch.float32, max_new_tokens: int = MAX_NEW_TOKENS) -> Captioner:
     """Load an image-to-text model offline; one :class:`ModelNotFoundError` line naming it if it is missing."""
     root, where = resolve(str(name))
-    how = f"pass --caption-model DIR or run `huggingface-cli download {name}`"
+    how = f"pass a folder as caption_model or run `huggingface-cli download {name}`"
     if root is None:
-        raise ModelNotFoundError(f"Caption model {str(name)!r}: {where}; {how}.")
+        raise ModelNotFoundError(f"Caption model {str(name)!r}: {where}; {how}.", param="caption_model")
     files = weight_files(root, TRANSFORMERS_WEIGHTS)
     if not (root / "config.json").is_file() or not files:
-        raise ModelNotFoundError(f"Caption model {str(name)!r}: no config.json and weights in {root}; {how}.")
+        raise ModelNotFoundError(f"Caption model {str(name)!r}: no config.json and weights in {root}; {how}.",
+                                 param="caption_model")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     with quiet():

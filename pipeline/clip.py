@@ -15,33 +15,28 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..cache.images import to_float_chw
+from ..cache.layout import LAYOUTS, layout_box  # noqa: F401  (LAYOUTS: the layouts preprocess takes)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-LAYOUTS = ("center", "full")
 
 
 def to_tensor(image: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """(H,W,3) uint8 array -> (1,3,H,W) float32 in [0,1] on ``device``; (3,H,W)/(1,3,H,W) floats pass."""
+    """(H,W,3) uint8/uint16 array -> (1,3,H,W) float32 in [0,1] on ``device``; (3,H,W)/(1,3,H,W) floats pass."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
-        t = t.permute(2, 0, 1).unsqueeze(0)
-        return t.float() / 255.0 if image.dtype == np.uint8 else t.float()
+        return to_float_chw(image).unsqueeze(0).to(device)
     t = image.to(device=device, dtype=torch.float32)
     return t.unsqueeze(0) if t.ndim == 3 else t
 
 
 def square(x: torch.Tensor, layout: str = "center") -> torch.Tensor:
-    """(B,3,H,W) -> (B,3,S,S): the centre square of side min(H, W) (``center``) or the frame (``full``)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout == "full":
-        return x
-    h, w = x.shape[-2:]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    return x[..., top : top + s, left : left + s]
+    """(B,3,H,W) -> (B,3,h,w): the part of the frame its guidance shows (``tdr.cache.layout``), the
+    centre square of side min(H, W) (``center``) or the frame (``full``)."""
+    top, left, h, w = layout_box(layout, *x.shape[-2:])
+    return x[..., top : top + h, left : left + w]
 
 
 def _to_8bit(x: torch.Tensor) -> torch.Tensor:

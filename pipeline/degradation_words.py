@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
-from ..cache.errors import TdrError
+from ..errors import TdrError
 
 # The degradations of the paper's tasks (motion/defocus blur, rain, haze, noise, low light) and the words
 # captioning models use for them or for a bad picture in general.

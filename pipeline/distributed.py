@@ -33,7 +33,7 @@ from .generate import (GenerateSummary, Job, ProgressFn, batches_in_random_order
 from .settings import BATCH_SIZE, ModelSpec, SamplingSettings
 
 PLUGIN_NAME = "tdr-guidance-models"
-ZARR_CONCURRENCY = 4  # per worker; total store I/O ≈ workers × this (STACK.md: zarr's default is 10 per process)
+ZARR_CONCURRENCY = 4  # per worker; total store I/O ≈ workers × this (zarr's default is 10 per process)
 
 
 class ModelsPlugin(WorkerPlugin):
@@ -230,7 +230,7 @@ class SlurmConfig:
         try:
             from dask_jobqueue import SLURMCluster
         except ImportError:
-            from ..cache.errors import TdrError
+            from ..errors import TdrError
 
             raise TdrError("SLURM clusters need dask-jobqueue; install it with 'pip install dask-jobqueue'.") from None
         cluster = SLURMCluster(**self.cluster_kwargs())

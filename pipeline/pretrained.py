@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..cache.errors import ModelNotFoundError, TdrError
+from ..errors import ModelNotFoundError, TdrError
 from .cleaner import Cleaner, CleanerConfig
 from .hub import resolve
 from .mapper import Mapper, MapperConfig

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..cache.errors import TdrError
+from ..cache.layout import layout_region
+from ..errors import TdrError
 from .clip import encode_image, preprocess
 from .injection import encode_injected, encode_prompt
 from .settings import CAPTION_MODEL, DEFAULT_SOURCE
@@ -105,7 +106,7 @@ class CaptionSource:
         given = list(given) if given is not None else [None] * len(images)
         todo = [k for k, g in enumerate(given) if g is None]
         if todo:
-            raw = self.captioner([_region(images[k], layout) for k in todo])
+            raw = self.captioner([layout_region(images[k], layout) for k in todo])
             for k, text in zip(todo, raw, strict=True):
                 given[k] = {"raw": text, "prompt": self.filter(text), "edited": False}
         return given
@@ -122,16 +123,6 @@ class CaptionSource:
         return {"source": self.name, "caption_model": c.name,
                 "caption_weights": {p.name: weight_sha256(p) for p in c.weight_files},
                 "caption_max_new_tokens": c.max_new_tokens, "degradation_words": self.filter.sha256}
-
-
-def _region(image: np.ndarray, layout: str) -> np.ndarray:
-    """The part of the image its guidance is about: the centre square (``center``) or the frame (``full``)."""
-    if layout != "center":
-        return image
-    h, w = image.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    return image[top:top + s, left:left + s]
 
 
 SOURCES: dict[str, type] = {  # name -> class; ``cls.without`` names the guidance-model parts it does not use

@@ -1,4 +1,4 @@
-"""Images for training the mapper and the cleaner (Lin et al., CVPR 2024, §3.2-3.3; SPEC §4).
+"""Images for training the mapper and the cleaner (Lin et al., CVPR 2024, §3.2-3.3).
 
 A *source* is written ``NAME[:ROOT]`` (a dataset of ``tdr datasets``, its folder when it needs one) or
 ``store:URL`` (a tdr guidance store, local or remote). From the sources:
@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..cache.errors import DatasetError, StoreError
+from ..cache.images import to_float_chw
+from ..cache.layout import layout_box
+from ..errors import DatasetError, StoreError
 
-MAX_NOISE_SIGMA = 50.0  # 0..255 scale, SPEC §4 stage 2
+MAX_NOISE_SIGMA = 50.0  # 0..255 scale: the cleaner stage trains on Gaussian noise of sigma ~ U(0, 50)
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,8 @@ def mapper_items(sources: Sequence[Source], split: str = "train") -> list[Item]:
                 seen_keys.add(pair.gt.key)
                 items.append(Item(f"{source.text}/gt/{pair.gt.key}", pair.gt.load))
     if not items:
-        raise DatasetError("The training data holds no images; pass --data NAME[:ROOT] with a non-empty dataset.")
+        raise DatasetError("The training data holds no images; pass data NAME[:ROOT] with a non-empty dataset.",
+                           param="data")
     return items
 
 
@@ -143,7 +146,7 @@ def cleaner_items(sources: Sequence[Source], noise_sources: Sequence[Source] = (
         if any(p.gt is None for p in pairs):
             raise DatasetError(
                 f"Data source '{source.text}' has images without clean counterparts; the cleaner needs pairs "
-                "(pass clean-only images with --noise-data to train denoising on them)."
+                "(pass clean-only images as noise data to train denoising on them).", param="noise_data"
             )
         if _is_clean_only(dataset):
             items += [Item(f"{source.text}/{p.gt.key}", p.gt.load, noise=True) for p in _distinct_gt(pairs)]
@@ -152,7 +155,8 @@ def cleaner_items(sources: Sequence[Source], noise_sources: Sequence[Source] = (
     for source in noise_sources:
         items += [Item(key, load, noise=True) for key, load in clean_images(source, split)]
     if not items:
-        raise DatasetError("The training data holds no pairs; pass --data NAME[:ROOT] with a paired dataset.")
+        raise DatasetError("The training data holds no pairs; pass data NAME[:ROOT] with a paired dataset.",
+                           param="data")
     return items
 
 
@@ -201,8 +205,7 @@ def item_index(seed: int, k: int, n: int) -> int:
 
 def to_float(image: np.ndarray) -> torch.Tensor:
     """(H,W,3) uint8/uint16 -> (3,H,W) float32 in [0,1]."""
-    scale = 65535.0 if image.dtype == np.uint16 else 255.0
-    return torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1).float() / scale
+    return to_float_chw(image[..., :3])
 
 
 def crop_box(height: int, width: int, size: int, rng: np.random.Generator) -> tuple[int, int, int, bool]:
@@ -210,8 +213,8 @@ def crop_box(height: int, width: int, size: int, rng: np.random.Generator) -> tu
     centre square of side min(H, W) to be resized to ``size`` (the paper's rule)."""
     if min(height, width) >= size:
         return int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1)), size, False
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, True
+    top, left, side, _ = layout_box("center", height, width)
+    return top, left, side, True
 
 
 def apply_crop(x: torch.Tensor, box: tuple[int, int, int, bool], size: int) -> torch.Tensor:
@@ -258,9 +261,8 @@ def sample(
     elif inp.shape == target.shape:
         inp_c = apply_crop(inp, box, size)
     else:  # sizes differ: each its centre square, resized
-        h, w = inp.shape[1:]
-        side = min(h, w)
-        inp_c = apply_crop(inp, ((h - side) // 2, (w - side) // 2, side, True), size)
+        top, left, side, _ = layout_box("center", *inp.shape[1:])
+        inp_c = apply_crop(inp, (top, left, side, True), size)
     if item.noise:  # sigma ~ U(0, 50)/255, added to the clean crop, clipped to [0,1]
         sigma = float(rng.uniform(0.0, max_sigma)) / 255.0
         noise = torch.randn(inp_c.shape, generator=torch.Generator().manual_seed(sample_seed(seed, k, "image-noise")))

@@ -421,7 +421,7 @@ def test_matching_runs_in_float32_under_autocast():
     assert torch.allclose(ref[0], low[0], atol=0.05)  # only the encoder itself ran in bf16
 
 
-# -- content views: same content, other geometry (SPEC §7) ----------------------------------------
+# -- content views: same content, other geometry ------------------------------------------------
 def _photo(h=224, w=320):
     """A natural photograph (scikit-image's bundled 'coffee'), (h,w,3) uint8."""
     from PIL import Image

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tdr.cache.errors import TdrError
+from tdr.errors import TdrError
 from tdr.guided.backbones import (BACKBONES, CheckpointMismatchError, UnknownBackboneError, build_backbone,
                                   load_backbone_checkpoint)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tdr.cache import FingerprintMismatch, StoreError, create_store, open_store
-from tdr.cache.errors import DatasetError
+from tdr.errors import DatasetError, StoreNotFoundError
 from tdr.cache.ingest import ingest_split
 from tdr.cache.report import info, verify
 from tdr.cache.transfer import export_guidance, import_guidance
@@ -89,8 +89,9 @@ def test_fingerprint_mismatch_refused_unless_forced(store_url):
     st = open_store(store_url, "a")
     first = st.guidance_for({"steps": 4, "seed": 0})
     first.write("train", 0, np.ones((512, 512, 3), np.uint8))
-    with pytest.raises(FingerprintMismatch, match=r"steps 4 → 200.*--force"):
+    with pytest.raises(FingerprintMismatch, match=r"steps 4 → 200.*pass force") as refused:
         st.guidance_for({"steps": 200, "seed": 0})
+    assert refused.value.param == "force"  # the CLI names its option from it
     assert st.guidance_ids() == [first.id]
     second = st.guidance_for({"steps": 200, "seed": 0}, force=True)
     assert second.id != first.id and sorted(st.guidance_ids()) == sorted([first.id, second.id])
@@ -163,7 +164,7 @@ def test_failed_ingest_leaves_store_unchanged(tmp_path):
 
 
 def test_open_errors(tmp_path):
-    with pytest.raises(StoreError, match="No tdr store"):
+    with pytest.raises(StoreNotFoundError, match="No tdr store"):
         open_store(str(tmp_path / "nothing.zarr"))
     import zarr
 
@@ -278,7 +279,7 @@ def test_reingest_detects_changed_pixels_and_repairs_damage(tmp_path):
     assert [s.status for s in ingest("folder", str(root), url).splits] == ["present", "present"]
     shard = Path(url, "test", "lq", "c", "1", "0", "0", "0")
     shard.unlink()
-    with pytest.raises(DataIntegrityError, match="--repair"):
+    with pytest.raises(DataIntegrityError, match="again with repair"):
         ingest("folder", str(root), url)
     summary = ingest("folder", str(root), url, repair=True)
     assert {s.split: (s.status, s.repaired) for s in summary.splits} == {"train": ("present", 0),
@@ -350,7 +351,7 @@ def test_losing_a_create_race_opens_the_winners_store(tmp_path, monkeypatch):
     def checked_too_early(*args, **kw):  # the loser looked before the winner had created the store
         calls.append(args)
         if len(calls) == 1:
-            raise StoreError(f"No tdr store at {url}; create one with 'tdr cache ingest --store {url}'.")
+            raise StoreNotFoundError(f"No tdr store at {url}.")
         return real(*args, **kw)
 
     monkeypatch.setattr(store_mod, "open_store", checked_too_early)
@@ -360,3 +361,25 @@ def test_losing_a_create_race_opens_the_winners_store(tmp_path, monkeypatch):
     ingest_split(first, "train", pairs)
     ingest_split(second, "train", pairs)  # a concurrent ingest of the same split finds it complete
     assert open_store(url)["train"].ids == [p.id for p in pairs] and verify(open_store(url)).ok
+
+
+def test_captions_are_listed_and_edited_through_the_library(store_url, tmp_path):
+    from tdr.cache import captions
+
+    st = open_store(store_url, "a")
+    gs = st.guidance_for({"source": "caption"})
+    with pytest.raises(StoreError, match="has no captions") as none_yet:
+        captions.list_captions(st)
+    assert none_yet.value.param == "group"
+    for i in range(2):
+        captions.write(gs, "train", i, {"raw": f"raw {i}", "prompt": f"prompt {i}", "edited": False})
+        gs.write("train", i, np.full((512, 512, 3), i, np.uint8))
+    listed = captions.list_captions(st, gs.id, ["train"])
+    assert [(r["id"], r["prompt"]) for r in listed] == [(st["train"].ids[0], "prompt 0"), (st["train"].ids[1], "prompt 1")]
+    edits = tmp_path / "captions.jsonl"
+    captions.write_jsonl([dict(listed[0], prompt="a new prompt"), listed[1]], edits)
+    summary = captions.import_edits(st, [edits], splits=["test"])  # no record of that split: nothing changes
+    assert (summary.changed, summary.unchanged, summary.group) == ([], 0, gs.id)
+    summary = captions.import_edits(st, [edits], group=gs.id)
+    assert summary.changed == [f"train/{st['train'].ids[0]}"] and summary.unchanged == 1
+    assert captions.read(gs, "train", 0)["prompt"] == "a new prompt" and not gs.done("train")[0]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -121,6 +122,25 @@ def test_import_refuses_unreadable_file_without_writing(tmp_path):
     result = run("cache", "import-guidance", store, "--split", "test", "--from", str(folder), code=1)
     assert ids[1] in result.output
     assert open_store(store).guidance_ids() == []
+    result = run("cache", "import-guidance", store, "--split", "test", "--from", str(folder), "--layout", "diagonal",
+                 code=1)  # the library checks the layout and names its parameter; the CLI adds the option
+    assert result.stderr.strip() == "error: layout must be one of center, full, not 'diagonal'. (option --layout)"
+    assert open_store(store).guidance_ids() == []
+
+
+def test_an_error_names_the_commands_option_for_its_parameter_only_where_there_is_one():
+    from tdr.cli import command_options, error_line
+    from tdr.errors import StoreError
+
+    def command(json_path: Path = typer.Option(None, "--json"), batch_size: int = typer.Option(1, "--batch-size")):
+        """A command with two options."""
+
+    options = command_options(command)
+    assert options["json"] == options["json_path"] == "--json" and options["batch_size"] == "--batch-size"
+    assert error_line(StoreError("Too many.", param="batch_size"), options) == "Too many. (option --batch-size)"
+    assert error_line(StoreError("Pass --json.", param="json"), options) == "Pass --json."  # named already
+    assert error_line(StoreError("Needs root.", param="root"), options) == "Needs root."  # no such option here
+    assert error_line(StoreError("Plain."), options) == "Plain."
 
 
 def test_datasets_listing_fits_80_columns_and_one_shows_its_layout():

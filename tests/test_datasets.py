@@ -9,7 +9,7 @@ from PIL import Image
 
 from tdr.cache.datasets import DATASETS, NOISE_CONVENTIONS, CheckReport, Pair, get_dataset, list_datasets
 from tdr.cache.datasets import demo as demo_module
-from tdr.cache.errors import DatasetError, ImageReadError
+from tdr.errors import DatasetError, ImageReadError
 from tdr.cache.images import read_image, write_png
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -68,7 +68,7 @@ def test_unknown_name_lists_choices():
 
 
 def test_missing_root_and_unknown_split(tmp_path):
-    with pytest.raises(DatasetError, match="needs --root"):
+    with pytest.raises(DatasetError, match="needs root"):
         get_dataset("gopro").pairs(None, "test")
     with pytest.raises(DatasetError, match="does-not-exist"):
         get_dataset("gopro").pairs(tmp_path / "does-not-exist", "test")

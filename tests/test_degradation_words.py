@@ -2,7 +2,7 @@
 
 import pytest
 
-from tdr.cache.errors import TdrError
+from tdr.errors import TdrError
 from tdr.pipeline.degradation_words import (EMPTY_PROMPT, DegradationFilter, clean_caption, load_word_file,
                                             word_list_sha256)
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tdr.cache import open_store
-from tdr.cache.errors import TdrError
+from tdr.errors import TdrError
 from tdr.cache.ingest import ingest
 from tdr.cache.store import create_store
 from tdr.cache.transfer import import_guidance
@@ -108,8 +108,9 @@ def test_eval_official_plain_weights(tmp_path):
     gt = torch.from_numpy(sp.read_gt(0).transpose(2, 0, 1).copy())
     assert result.guidance == "none" and result.n == 1
     assert result.rows[0]["psnr"] == pytest.approx(psnr(pred, gt, y_channel=True, crop_border=2), abs=1e-9)
-    with pytest.raises(TdrError, match="backbone"):
+    with pytest.raises(TdrError, match="name their backbone") as refused:
         evaluate(EvalConfig(checkpoint=str(path), store=url))
+    assert refused.value.param == "backbone"
     with pytest.raises(TdrError, match="does not fit"):
         evaluate(EvalConfig(checkpoint=str(path), store=url, backbone="restormer-test"))
     with pytest.raises(TdrError, match="choose one of"):

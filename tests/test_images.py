@@ -5,7 +5,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from tdr.cache.errors import ImageReadError, TdrError
+from tdr.errors import ImageReadError, TdrError
 from tdr.cache.images import image_size, read_image, write_png
 
 
@@ -96,3 +96,19 @@ def test_missing_and_corrupt_files_raise_image_read_error_naming_the_path(tmp_pa
 def test_write_png_rejects_other_dtypes(tmp_path):
     with pytest.raises(ValueError):
         write_png(tmp_path / "f.png", np.zeros((4, 4, 3), np.float32))
+
+
+def test_conversions_to_8_bits_and_to_channel_first_floats():
+    from tdr.cache.images import to_float_chw, to_uint8
+
+    wide = np.array([[[0, 257, 65535]]], np.uint16)  # (1,1,3)
+    np.testing.assert_array_equal(to_uint8(wide), np.array([[[0, 1, 255]]], np.uint8))
+    narrow = np.array([[[0, 51, 255]]], np.uint8)
+    assert to_uint8(narrow) is narrow
+    img = np.arange(2 * 4 * 3, dtype=np.uint8).reshape(2, 4, 3)  # (H,W,C)
+    t = to_float_chw(img)
+    assert t.shape == (3, 2, 4) and t.dtype.is_floating_point
+    np.testing.assert_allclose(t.numpy(), img.transpose(2, 0, 1) / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(to_float_chw(wide)[:, 0, 0].numpy(), [0.0, 257 / 65535, 1.0], rtol=1e-6)
+    floats = np.full((2, 2, 3), 0.25, np.float32)
+    np.testing.assert_array_equal(to_float_chw(floats).numpy(), floats.transpose(2, 0, 1))  # kept as they are

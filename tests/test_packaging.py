@@ -72,7 +72,8 @@ def test_dockerfile_structure():
     assert any("download.pytorch.org/whl/cu" in l for l in lines), "CUDA build of torch"
     assert re.search(r'pip install "\.\[gpu,remote\]"', text)
     assert 'ENTRYPOINT ["tdr"]' in lines
-    for copied in ("pyproject.toml", "cli.py", "cache", "pipeline", "guided", "runs"):
+    root_modules = sorted(p.name for p in ROOT.glob("*.py"))  # the tdr package's own modules (errors.py, …)
+    for copied in ("pyproject.toml", *root_modules, "cache", "pipeline", "guided", "runs"):
         assert any(l.startswith("COPY") and copied in l for l in lines), copied
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tdr.errors import ConfigError, MissingDependencyError
 from tdr.pipeline import GuidancePipeline, load_components
 from tdr.pipeline.attention import (
     MapperKVProcessor,
@@ -90,9 +91,10 @@ def test_copies_are_used_in_both_passes_and_the_unets_own_are_not(models):
 def test_backend_selection():
     assert select_backend("auto", "cpu") == "sdpa"
     assert select_backend("sdpa", "cpu") == "sdpa"
-    with pytest.raises(RuntimeError, match="xformers"):
+    with pytest.raises(MissingDependencyError, match="xformers") as missing:
         select_backend("xformers", "cpu")
-    with pytest.raises(ValueError):
+    assert missing.value.param == "attention"
+    with pytest.raises(ConfigError):
         select_backend("flash", "cpu")
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tdr.cache.errors import ModelNotFoundError, TdrError
+from tdr.errors import ModelNotFoundError, TdrError
 from tdr.pipeline import GuidancePipeline, file_sha256, fingerprint, load_components
 from tdr.pipeline.cleaner import Cleaner, CleanerConfig
 from tdr.pipeline.mapper import Mapper, MapperConfig, cross_attention_layers

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tdr.cache.errors import ModelNotFoundError
+from tdr.errors import ModelNotFoundError
 from tdr.cli import app
 from tdr.pipeline import fingerprint, load_components
 from tdr.pipeline.checkpoint import load_checkpoint, module_checkpoint

@@ -1,4 +1,4 @@
-"""Training the mapper (stage 1) and the cleaner (stage 2) with tiny models on the demo data (SPEC §4)."""
+"""Training the mapper (stage 1) and the cleaner (stage 2) with tiny models on the demo data."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tdr.cache.errors import DatasetError, StoreError, TdrError
+from tdr.errors import DatasetError, StoreError, TdrError
 from tdr.cache.images import write_png
 from tdr.pipeline import file_sha256, fingerprint, load_components
 from tdr.pipeline.checkpoint import load_checkpoint
@@ -178,7 +178,7 @@ def test_crop_rule():
 def test_denoising_data_gets_noise_on_the_fly(tmp_path):
     for i in range(2):  # a folder of clean photos without gt/
         write_png(tmp_path / "train" / "lq" / f"{i}.png", np.full((80, 96, 3), 100 + 50 * i, np.uint8))
-    with pytest.raises(DatasetError, match="--noise-data"):
+    with pytest.raises(DatasetError, match="noise data"):
         cleaner_items([parse_source(f"folder:{tmp_path}")])
     items = cleaner_items([parse_source("demo")], [parse_source(f"folder:{tmp_path}")])
     noisy = [it for it in items if it.noise]

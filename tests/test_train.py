@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import socket
@@ -17,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tdr.cache import open_store
-from tdr.cache.errors import TdrError
+from tdr.errors import TdrError
 from tdr.cache.ingest import ingest
 from tdr.cache.transfer import import_guidance
 from tdr.guided.backbones import build_backbone, load_backbone_checkpoint
@@ -253,7 +254,7 @@ def test_cli_train_then_eval(store, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--backbone", "nafnet-tst"], "choose one of"),
     (["--store", "/nonexistent/x.zarr"], "No tdr store"),
-    (["--patch", "500"], "smaller than --patch"),
+    (["--patch", "500"], "smaller than patch 500; use a smaller patch. (option --patch)"),
     (["--guidance", "clean"], "guidance must be one of"),
     (["--match", "pixels"], "match_features must be one of image, encoder"),
     (["--transfer", "nearest"], "transfer must be one of bilinear, patch"),
@@ -353,7 +354,7 @@ def test_validation_sizes_checked_before_the_first_step(tmp_path):
 
 def test_path_options_are_checked_before_any_work(store, tmp_path, monkeypatch):
     from tdr.cli import app
-    import tdr.guided.evaluate as evaluate_mod
+    evaluate_mod = importlib.import_module("tdr.guided.evaluate")  # the module; tdr.guided.evaluate is the function
 
     runner = CliRunner()
     a_file = tmp_path / "a-file"
@@ -365,8 +366,8 @@ def test_path_options_are_checked_before_any_work(store, tmp_path, monkeypatch):
     train(cfg(store, run, iters=1))
     ckpt = str(run / "last.pt")
     res = runner.invoke(app, ["eval", "--checkpoint", ckpt, "--store", store, "--grids", "1", "--out", str(a_file)])
-    _one_line_error(res, "out ", "is a file")
-    monkeypatch.setattr(evaluate_mod, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --json"))
+    _one_line_error(res, "--out", "is a file")
+    monkeypatch.setattr(evaluate_mod, "load_run", lambda *a, **k: pytest.fail("evaluated before checking --json"))
     res = runner.invoke(app, ["eval", "--checkpoint", ckpt, "--store", store, "--json", str(tmp_path)])
     _one_line_error(res, "--json", "is a folder")
     res = runner.invoke(app, ["cache", "export", store, "--to", str(a_file)])
@@ -384,7 +385,7 @@ def test_unreadable_checkpoint_message_gives_no_unsafe_advice(store, tmp_path):
 
 
 def test_ctrl_c_in_training_names_resume(store, tmp_path, monkeypatch):
-    import tdr.guided.train as train_mod
+    train_mod = importlib.import_module("tdr.guided.train")  # the module; tdr.guided.train is the function
     from tdr.cli import app
 
     def interrupted(*args, **kwargs):

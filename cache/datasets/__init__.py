@@ -11,10 +11,11 @@ The registry is a plain dict filled by explicit imports below (one module per fa
 
 from __future__ import annotations
 
-from ..errors import DatasetError
+from ...errors import DatasetError
 from . import custom, deblur, dehaze, demo, denoise, derain
 from .base import CheckReport, Dataset
-from .refs import NOISE_CONVENTIONS, Crop, ImageRef, MatBlock, Noise, Pair, Synth
+from .refs import NOISE_CONVENTIONS, Crop, ImageRef, MatBlock, Noise, Pair
+from .synth import Synth
 
 DATASETS: dict[str, Dataset] = {
     ds.name: ds

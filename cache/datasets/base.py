@@ -10,13 +10,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DatasetError
+from ...errors import DatasetError
 from ..images import IMAGE_SUFFIXES
 from .refs import ImageRef, Pair, file_ref
 
 
 def metric(y_channel: bool = False, ssim: str = "basicsr", crop_border: int = 0, align: bool = False) -> dict:
-    """How a dataset is scored (DATASETS.md): Y channel for deraining, RGB otherwise; ``ssim`` is
+    """How a dataset is scored, as its papers do: Y channel for deraining, RGB otherwise; ``ssim`` is
     ``"basicsr"`` (per-channel 11×11 Gaussian) or ``"matlab3d"`` (MATLAB's 3-D SSIM, GoPro/HIDE papers);
     ``align``: the output is ECC-aligned to the ground truth first (RealBlur)."""
     return {"y_channel": y_channel, "crop_border": crop_border, "ssim": ssim, "align": align}
@@ -155,11 +155,13 @@ class Dataset:
     def _root(self, root: str | Path | None) -> Path:
         if root is None:
             if self.needs_root:
-                raise DatasetError(f"Dataset '{self.name}' needs --root: the folder that holds {self.title}.")
+                raise DatasetError(f"Dataset '{self.name}' needs root: the folder that holds {self.title}.",
+                                   param="root")
             return Path(".")
         path = Path(root).expanduser().absolute()
         if not path.is_dir():
-            raise DatasetError(f"Dataset folder '{path}' does not exist; pass the folder that holds {self.title}.")
+            raise DatasetError(f"Dataset folder '{path}' does not exist; pass the folder that holds {self.title}.",
+                               param="root")
         return path
 
     def _check_split(self, split: str) -> None:
@@ -171,16 +173,16 @@ class Dataset:
         """The error for a folder that exists but matches none of the accepted layouts."""
         return DatasetError(
             f"{self.title}: '{path}' does not hold {expected}; "
-            f"arrange the download as `tdr datasets` shows for '{self.name}' and pass its top folder as --root."
-        )
+            f"arrange the download as `tdr datasets` shows for '{self.name}' and pass its top folder as root.",
+            param="root")
 
     def _missing(self, path: Path, what: str, whole_split: bool = False) -> DatasetError:
         """The error for an expected folder/file that is absent."""
         cls = MissingSplit if whole_split else DatasetError
         return cls(
             f"{self.title}: expected {what} '{path}' was not found; "
-            f"arrange the download as `tdr datasets` shows for '{self.name}' and pass its top folder as --root."
-        )
+            f"arrange the download as `tdr datasets` shows for '{self.name}' and pass its top folder as root.",
+            param="root")
 
 
 # -------------------------------------------------------------------------------------- file helpers

@@ -1,4 +1,5 @@
-"""Motion and defocus deblurring: GoPro, HIDE, RealBlur-J/-R, DPDD (layouts and sizes from DATASETS.md)."""
+"""Motion and defocus deblurring: GoPro, HIDE, RealBlur-J/-R, DPDD (layouts and sizes as
+each dataset is published)."""
 
 from __future__ import annotations
 

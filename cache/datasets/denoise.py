@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DatasetError
+from ...errors import DatasetError
 from .base import Dataset, Scan, by_stem, first_dir, list_images, natural_key
 from .refs import NOISE_CONVENTIONS, Noise, file_ref, mat_ref
 

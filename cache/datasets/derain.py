@@ -1,6 +1,6 @@
 """Deraining: Rain100L / RainTrainL, Rain200L/H, DID-Data (Rain1200), DDN-Data (Rain14000).
 
-All are scored on the Y channel (DATASETS.md).
+All are scored on the Y channel, as the deraining papers do.
 """
 
 from __future__ import annotations

@@ -15,8 +15,9 @@ from typing import Literal
 
 import numpy as np
 
-from ..errors import DatasetError, ImageReadError
+from ...errors import DatasetError, ImageReadError
 from ..images import image_size, read_image
+from .synth import Synth, render
 
 NOISE_CONVENTIONS = ("promptir", "round")
 
@@ -97,20 +98,6 @@ class Noise:
 
 
 @dataclass(frozen=True)
-class Synth:
-    """A synthetic demo image: a crop ``box`` (top, left, height, width) of a bundled photograph resized to
-    ``size`` (H, W), then ``degradation`` ("none", "blur", "haze", "rain", "noise") with ``params``; the
-    random parts are drawn from ``seed``. Rendered by ``tdr.cache.datasets.demo.render``."""
-
-    photo: str
-    box: tuple[int, int, int, int]
-    size: tuple[int, int]
-    degradation: str
-    params: tuple[tuple[str, float], ...] = ()
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class ImageRef:
     """How to load one image. ``key`` names its content uniquely and machine-independently (path relative
     to the dataset root plus modifiers); the cache stores one image per key."""
@@ -137,8 +124,6 @@ class ImageRef:
     def load(self) -> np.ndarray:
         """Decode: (H,W,3) uint8, or uint16 for 16-bit files (DPDD)."""
         if self.synth is not None:
-            from .demo import render
-
             image = render(self.synth)
         elif self.block is not None:
             image = _mat_block(self.path, self.block)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...cache.store import LAYOUTS
+from ...cache.layout import LAYOUTS
 
 SEARCHES = ("global", "prior", "masa")  # see search.SEARCHES
 TRANSFERS = ("bilinear", "patch")  # see transfer.TRANSFERS

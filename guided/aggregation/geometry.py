@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...cache.store import LAYOUTS
+from ...cache.layout import LAYOUTS, layout_box  # noqa: F401  (LAYOUTS: the layouts guidance_box takes)
 
 
 @dataclass
@@ -29,14 +29,7 @@ def guidance_box(layout: str, frame_hw: tuple[int, int], *, crop_yx: tuple[float
     of the input inside that frame when the input is a crop of it (training patches). For generated
     guidance the box gives the scale of the content (and, for the prior search only, its place).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-    H, W = frame_hw
-    if layout == "full":
-        top, left, h, w = 0.0, 0.0, float(H), float(W)
-    else:  # centre square of the short side, as the generation half crops it
-        side = float(min(H, W))
-        top, left, h, w = (H - side) / 2, (W - side) / 2, side, side
+    top, left, h, w = layout_box(layout, *frame_hw)  # the rectangle the generation half made it from
     box = torch.tensor([top - crop_yx[0], left - crop_yx[1], h, w], dtype=torch.float32, device=device)
     return box.expand(batch, 4).clone()
 

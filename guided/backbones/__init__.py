@@ -13,7 +13,8 @@ from functools import partial
 from typing import Callable
 
 from ..aggregation import AggregationConfig
-from .common import CheckpointMismatchError, Restorer, UnknownBackboneError, load_backbone_checkpoint
+from ...errors import CheckpointMismatchError, UnknownBackboneError
+from .common import Restorer, load_backbone_checkpoint
 from .drsformer import DRSformer
 from .nafnet import NAFNet
 from .promptir import PromptIR

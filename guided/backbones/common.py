@@ -10,18 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...cache.errors import TdrError
+from ...errors import CheckpointMismatchError, ConfigError, UnknownBackboneError  # noqa: F401  (importable from here as before)
 from ..aggregation import AggregationConfig, BlockFactory, DynamicAggregation
 
 AGG_PREFIX = "agg."
-
-
-class UnknownBackboneError(TdrError, ValueError):
-    """A backbone name that is not in the registry."""
-
-
-class CheckpointMismatchError(TdrError, ValueError):
-    """A checkpoint whose keys or shapes do not fit the backbone."""
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -81,7 +73,7 @@ class Restorer(nn.Module):
         aligned = None
         if self.agg is not None:
             if guidance is None:
-                raise ValueError("this backbone is guided: pass guidance, or build it with guided=False")
+                raise ConfigError("This backbone is guided: pass guidance, or build it with guided=False.")
             aligned = self.agg.prepare(x, guidance, (h, w), box)
         out = self.restore(x, aligned)[..., :h, :w]
         return out if self.training else out.clamp(0, 1)
