@@ -12,14 +12,10 @@ from typer.testing import CliRunner
 
 from tdr import __version__
 from tdr.cli import app
+from helpers import run
 
 runner = CliRunner()
 
-
-def run(*args: str, code: int = 0):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    return result
 
 
 def test_help_lists_every_group_and_version():

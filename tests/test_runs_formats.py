@@ -24,17 +24,14 @@ from tdr.pipeline.checkpoint import load_checkpoint
 from tdr.runs.checkpoint import SchemaError, load, rng_state, save, set_rng_state
 from tdr.runs.config import ConfigError, check_resume, from_dict, merge, to_dict
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import make_store  # noqa: E402
-
 FIXTURES = Path(__file__).parent / "fixtures"
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
+def store(tmp_path_factory, make_tiny_store) -> str:
     base = tmp_path_factory.mktemp("store")
-    return make_store(base / "data", str(base / "s.zarr"), n_train=2, n_test=1)
+    return make_tiny_store(base / "data", str(base / "s.zarr"), n_train=2, n_test=1)
 
 
 def test_schema2_run_loads_with_its_aggregation_nested():

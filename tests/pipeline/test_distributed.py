@@ -4,21 +4,14 @@ the SLURM configuration produces the SLURMCluster keyword arguments documented i
 from __future__ import annotations
 
 import numpy as np
-from typer.testing import CliRunner
 
 from tdr.cache import open_store
-from tdr.cli import app
 from tdr.pipeline import ModelSpec, SamplingSettings, generate_guidance
 from tdr.pipeline.distributed import SlurmConfig
+from helpers import run
 
-runner = CliRunner()
 TINY = ["--preset", "tiny", "--steps", "2", "--size", "64", "--device", "cpu", "--dataset", "demo", "--split", "test"]
 
-
-def run(*args: str, code: int = 0):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == code, (result.output, result.exception)
-    return result
 
 
 def test_two_dask_workers_equal_one_process(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tdr.guided
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_guided_exports_the_notebook_api():

@@ -20,15 +20,11 @@ from tdr.cache.errors import ModelNotFoundError
 from tdr.cli import app
 from tdr.pipeline import GuidancePipeline, ModelSpec, SamplingSettings, generate_guidance, load_components
 from tdr.pipeline.settings import SettingsError
+from helpers import run
 
 runner = CliRunner()
 TINY = ["--preset", "tiny", "--steps", "2", "--size", "64", "--device", "cpu", "--dataset", "demo", "--split", "test"]
 
-
-def run(*args: str, code: int = 0):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == code, (result.output, result.exception)
-    return result
 
 
 def test_fill_then_nothing_to_do(tmp_path):

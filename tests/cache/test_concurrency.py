@@ -8,21 +8,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from typer.testing import CliRunner
 
 from tdr.cache import open_store
 from tdr.cache.report import verify
-from tdr.cli import app
+from helpers import run
 
-runner = CliRunner()
 TINY = ["--preset", "tiny", "--size", "64", "--device", "cpu", "--dataset", "demo", "--split", "test"]
 N = 12  # images in the demo test split
 
-
-def run(*args: str, code: int = 0):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == code, (result.output, result.exception)
-    return result
 
 
 def done_written(output: str) -> int:

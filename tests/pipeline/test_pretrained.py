@@ -20,15 +20,6 @@ torch.set_num_threads(1)
 runner = CliRunner()
 
 
-@pytest.fixture()
-def offline_home(tmp_path, monkeypatch):
-    home = tmp_path / "hf"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    return home
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny mapper and cleaner with weights unlike the tiny preset's, saved in both formats."""

@@ -19,11 +19,6 @@ from tdr.pipeline.sampler import (
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def models():
-    return load_components(preset="tiny")
-
-
 def images(n, seed=0):
     rng = np.random.default_rng(seed)
     sizes = [(48, 64), (64, 40), (32, 32), (40, 56)]

@@ -13,6 +13,7 @@ from tdr.cache import captions, open_store
 from tdr.cli import app
 from tdr.pipeline.degradation_words import clean_caption
 from tdr.pipeline.sources import source_of
+from helpers import run
 
 runner = CliRunner()
 TINY = ["--preset", "tiny", "--steps", "2", "--size", "64", "--device", "cpu", "--dataset", "demo", "--split", "test"]
@@ -22,11 +23,6 @@ WORDS = ("a an the photo image picture of street cat dog car city road man at ni
 TEXTUAL_KEYS = {"preset", "sd_model", "clip_model", "seed", "mapper", "cleaner", "scheduler", "dtype", "device_type",
                 "model_seed", "steps", "scale", "layout", "noise", "size"}
 
-
-def run(*args: str, code: int = 0):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == code, (result.output, result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from tdr.pipeline import load_components
 from tdr.pipeline.injection import (
     encode_injected,
     encode_prompt,
@@ -13,11 +12,6 @@ from tdr.pipeline.injection import (
 )
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def models():
-    return load_components(preset="tiny")
 
 
 def test_placeholder_is_found_at_index_5(models):

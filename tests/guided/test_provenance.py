@@ -9,21 +9,14 @@ import numpy as np
 import pytest
 import zarr
 from PIL import Image
-from typer.testing import CliRunner
 
 from tdr.cache import open_store
 from tdr.cache.ingest import ingest
-from tdr.cli import app
 from tdr.guided.config import ConfigError, TrainConfig, resolve_search
 from tdr.guided.train import train
+from helpers import run
 
-runner = CliRunner()
 
-
-def run(*args: str, code: int = 0):
-    result = runner.invoke(app, list(args))
-    assert result.exit_code == code, (result.output, result.exception)
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,6 @@ from tdr.pipeline.sampler import make_scheduler
 torch.set_num_threads(1)
 
 
-@pytest.fixture()
-def offline_home(tmp_path, monkeypatch):
-    home = tmp_path / "hf"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    return home
-
-
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     """The tiny models saved as real ones: SD in diffusers' layout, CLIP as a full CLIPModel directory."""

@@ -32,30 +32,10 @@ torch.set_num_threads(2)
 dataclass_frozen = _dataclass(frozen=True)
 
 
-def make_store(root: Path, url: str, *, n_train: int = 4, n_test: int = 2) -> str:
-    """A `folder` dataset of smooth synthetic images (degraded = darker + noise), clean images as guidance."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for k in range(n):
-            h, w = 40 + 8 * k, 56
-            yy, xx = np.mgrid[:h, :w]
-            gt = np.stack([(xx * 4 + k * 10) % 256, (yy * 5) % 256, ((xx + yy) * 3) % 256], -1).astype(np.uint8)
-            lq = np.clip(gt * 0.7 + 20 + rng.normal(0, 5, gt.shape), 0, 255).astype(np.uint8)
-            for kind, img in (("lq", lq), ("gt", gt), ("guidance", gt)):
-                folder = root / split / kind
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(img).save(folder / f"im{k}.png")
-    ingest("folder", str(root), url)
-    store = open_store(url, "a")
-    for split in ("train", "test"):
-        import_guidance(store, split, root / split / "guidance")
-    return url
-
-
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
+def store(tmp_path_factory, make_tiny_store) -> str:
     base = tmp_path_factory.mktemp("store")
-    return make_store(base / "data", str(base / "s.zarr"))
+    return make_tiny_store(base / "data", str(base / "s.zarr"))
 
 
 def cfg(store: str, out: Path, **kw) -> TrainConfig:
