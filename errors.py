@@ -24,6 +24,12 @@ class ConfigError(TdrError, ValueError):
     """A setting that is unknown, of the wrong type or out of range."""
 
 
+class SettingsError(ConfigError):
+    """A setting outside its choices, or settings that do not go together (a usage error: exit code 2)."""
+
+    exit_code = 2
+
+
 class UnknownBackboneError(ConfigError):
     """A backbone name that is not in the registry."""
 
@@ -66,6 +72,10 @@ class ModelNotFoundError(TdrError):
 
 class CheckpointError(TdrError):
     """A checkpoint that cannot be read, or is not of the kind asked for."""
+
+
+class SchemaError(CheckpointError):
+    """A checkpoint or run of a schema this version cannot read."""
 
 
 class CheckpointMismatchError(CheckpointError, ValueError):

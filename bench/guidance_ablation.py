@@ -1,6 +1,6 @@
 """Guidance ablation on the demo dataset (paper Table 11 in miniature, on stand-ins with known truth), CPU.
 
-Generated guidance keeps the input's content, not its pixel geometry (SPEC §7). This ladder measures
+Generated guidance keeps the input's content, not its pixel geometry (Stable Diffusion renders it from words). This ladder measures
 guidance in that regime, in one run:
 
 1. ingest ``demo`` and import three stand-ins for every image (``tdr.guided.synthetic``), each its own

@@ -20,7 +20,7 @@ GUIDANCE_MODES = ("cache", "none", "degraded")
 AUTO = "auto"  # a search chosen from the guidance's provenance: "prior" for aligned guidance, else "global"
 SEARCH_CHOICES = (AUTO,) + SEARCHES
 
-# (backbone lr, aggregation lr) of the paper's supplement (SPEC §6), by backbone family (name prefix)
+# (backbone lr, aggregation lr) of the paper's supplement, by backbone family (name prefix)
 PAPER_LR = {
     "nafnet": (1e-4, 5e-5),
     "restormer": (3e-4, 1e-4),
@@ -35,7 +35,7 @@ def resolve_search(search: str, provenance: str | None, group: str | None = None
     """The search a run uses, from its ``search`` setting and the guidance's provenance ("generated",
     "aligned", "unknown"; None: no guidance). "auto" is "prior" for aligned guidance (its geometry follows
     the input) and "global" otherwise; "prior" on guidance that is not aligned is refused, since generated
-    guidance shares content, not pixel geometry, with its input (SPEC §7)."""
+    guidance shares content, not pixel geometry, with its input: Stable Diffusion renders it from words."""
     if search == AUTO:
         return "prior" if provenance == "aligned" else "global"
     if search == "prior" and provenance not in ("aligned", None):
@@ -73,7 +73,7 @@ class TrainConfig:
     iters: int = 1000
     patch: int = 128  # training crop side
     batch_size: int = 4  # per process (global batch = batch_size · world size)
-    lr: float | None = None  # backbone lr; None: the paper's for this backbone (SPEC §6)
+    lr: float | None = None  # backbone lr; None: the paper's for this backbone (its supplement)
     agg_lr: float | None = None  # aggregation lr; None: the paper's (about half the backbone's)
     alpha_lr: float | None = None  # lr of the fusion gates α (eq. 4, init 0); None: the aggregation lr
     weight_decay: float = 1e-4  # AdamW

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from ..cache import open_store
-from ..cache.errors import DataIntegrityError, StoreError, TdrError
+from ..errors import DataIntegrityError, StoreError, TdrError
 from ..cache.ingest import min_side
 from ..runs.checkpoint import load, rng_state, save, set_rng_state
 from ..runs.config import ConfigError, check_resume, from_dict

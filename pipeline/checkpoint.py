@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import torch
 
-from ..cache.errors import ModelNotFoundError, TdrError
+from ..errors import ModelNotFoundError, TdrError
 from .cleaner import Cleaner, CleanerConfig
 from .mapper import Mapper, MapperConfig
 from .pretrained import load_pretrained, locate

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..cache import captions, claims, open_store
-from ..cache.errors import StoreError
+from ..errors import StoreError, StoreNotFoundError
 from ..cache.merge import content_index, copy_guidance, rows_by_content
 from ..cache.store import GuidanceSet, Split, Store
 from .settings import BATCH_SIZE, ModelSpec, SamplingSettings, SettingsError
@@ -118,9 +118,7 @@ def open_for_generation(url: str, dataset: str, root: str | None, splits: Sequen
 
     try:
         present = open_store(url, "a", storage_options).splits
-    except StoreError as exc:
-        if "No tdr store" not in str(exc):
-            raise
+    except StoreNotFoundError:
         present = []
     missing = [s for s in splits if s not in present] if splits else ([] if present else None)
     if missing is None or missing:

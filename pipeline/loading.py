@@ -4,7 +4,7 @@ Real models (Lin et al., CVPR 2024): Stable Diffusion 2.1-base in diffusers' lay
 ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``) and the CLIP ViT-H/14 image encoder
 (transformers ``CLIPVisionModel``), each given as a local directory or a hub id already in the Hugging Face
 cache (:mod:`tdr.pipeline.hub`). Nothing is ever downloaded (``local_files_only``); everything missing is
-reported in one :class:`~tdr.cache.errors.ModelNotFoundError`. The mapper and cleaner come from checkpoints
+reported in one :class:`~tdr.errors.ModelNotFoundError`. The mapper and cleaner come from checkpoints
 (:mod:`tdr.pipeline.checkpoint`).
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..cache.errors import ModelNotFoundError, TdrError
+from ..errors import ModelNotFoundError, TdrError
 from .checkpoint import load_checkpoint
 from .cleaner import Cleaner, CleanerConfig
 from .clip import CLIP_MEAN, CLIP_STD

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..cache.errors import TdrError
+from ..errors import SettingsError, TdrError
 from ..cache.store import GUIDANCE_SIZE, LAYOUTS
 
 SD_MODEL = "stabilityai/stable-diffusion-2-1-base"
@@ -25,12 +25,6 @@ PRESETS = {  # model preset -> its default guidance side in pixels
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # short name -> torch dtype name
 DEFAULT_SOURCE = "textual"  # the method's guidance source (tdr.pipeline.sources.SOURCES holds them all)
 BATCH_SIZE = 8  # images per sampling batch
-
-
-class SettingsError(TdrError, ValueError):
-    """A setting outside its choices, or settings that do not go together (a usage error: exit code 2)."""
-
-    exit_code = 2
 
 
 def _one_of(name: str, value, choices) -> None:

@@ -1,5 +1,5 @@
 """Training the image-to-words mapper (stage 1) and the degradation cleaner (stage 2) of Lin et al.,
-"Improving Image Restoration through Removing Degradations in Textual Representations", CVPR 2024 (SPEC §4).
+"Improving Image Restoration through Removing Degradations in Textual Representations", CVPR 2024, §3.2–3.3.
 
 Both stages minimise the latent-diffusion loss (Rombach et al., CVPR 2022, eq. 2)
 
@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..cache.errors import TdrError
+from ..errors import TdrError
 from ..runs.checkpoint import load, rng_state, save, set_rng_state
 from ..runs.config import ConfigError, check_resume, from_dict, layered, to_dict
 from ..runs.launch import Launch, launch

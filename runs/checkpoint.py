@@ -17,11 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cache.errors import ModelNotFoundError, TdrError
-
-
-class SchemaError(TdrError):
-    """A checkpoint or run of a schema this version cannot read."""
+from ..errors import ModelNotFoundError, SchemaError, TdrError
 
 
 def save(path: str | Path, payload: Mapping[str, Any]) -> None:

@@ -16,11 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..cache.errors import TdrError
-
-
-class ConfigError(TdrError, ValueError):
-    """A setting that is unknown, of the wrong type or out of range."""
+from ..errors import ConfigError, TdrError
 
 
 def to_dict(cfg) -> dict[str, Any]:

@@ -8,7 +8,7 @@ A search has two stages with one signature each, kept together in ``SEARCHES``:
 - ``match(mx, mg, cfg, margin) -> q``: matching features of X (B,C,h,w) and of the placed G at the match
   level → each X cell's matched cell in the placed G's frame (B,2,h,w) long (``margin`` in cells).
 
-Generated guidance shares content, not pixel geometry, with its input (SPEC §7): the default "global"
+Generated guidance shares content, not pixel geometry, with its input (Stable Diffusion renders it from words): the default "global"
 search looks for every position's content anywhere in G, at several scales and mirrored.
 """
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,23 +12,7 @@ from tdr.errors import DatasetError, StoreNotFoundError
 from tdr.cache.ingest import ingest_split
 from tdr.cache.report import info, verify
 from tdr.cache.transfer import export_guidance, import_guidance
-
-
-@dataclass(frozen=True)
-class ArrayRef:
-    key: str
-    array: np.ndarray
-
-    def load(self) -> np.ndarray:
-        return self.array
-
-
-@dataclass(frozen=True)
-class FakePair:
-    id: str
-    lq: ArrayRef
-    gt: ArrayRef | None
-    gt_key: str
+from helpers import ArrayRef, FakePair
 
 
 def make_pairs(n=6, shared=3, seed=0):

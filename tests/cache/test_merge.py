@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -17,26 +16,10 @@ from tdr.cache.options import parse_storage_options
 from tdr.cache.report import verify
 from tdr.cli import app
 from tdr.pipeline.generate import SamplingSettings, generate, guidance_fingerprint
+from helpers import ArrayRef, FakePair
 
 SETTINGS = SamplingSettings(steps=2, size=64)
 MODEL_FP = {"preset": "fake", "seed": 0}
-
-
-@dataclass(frozen=True)
-class Ref:
-    key: str
-    array: np.ndarray
-
-    def load(self) -> np.ndarray:
-        return self.array
-
-
-@dataclass(frozen=True)
-class Pair:
-    id: str
-    lq: Ref
-    gt: Ref | None
-    gt_key: str
 
 
 class FakePipe:
@@ -60,7 +43,7 @@ def image(k: int) -> np.ndarray:
 def make_store(path, split_contents: dict[str, list[int]], dataset="fake"):
     st = create_store(str(path), dataset=dataset, metric={"y_channel": False})
     for split, ks in split_contents.items():
-        ingest_split(st, split, [Pair(f"{split}-{n}", Ref(f"{split}-{n}", image(k)), None, "") for n, k in enumerate(ks)])
+        ingest_split(st, split, [FakePair(f"{split}-{n}", ArrayRef(f"{split}-{n}", image(k)), None, "") for n, k in enumerate(ks)])
     return open_store(str(path), "a")
 
 

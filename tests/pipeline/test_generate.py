@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import pytest
 
 from tdr.cache import open_store
-from tdr.cache.errors import ModelNotFoundError
+from tdr.errors import ModelNotFoundError
 from tdr.cli import app
 from tdr.pipeline import GuidancePipeline, ModelSpec, SamplingSettings, generate_guidance, load_components
 from tdr.pipeline.settings import SettingsError
