@@ -11,7 +11,10 @@ guidance in that regime, in one run:
 2. train the unguided baseline (``nafnet-small``) for ``--base-iters``;
 3. continue from it (``--init``) for ``--iters`` more, five ways with the trainer's defaults
    (``--search auto``: prior search for the aligned group, global otherwise): none, degraded image as
-   guidance, aligned-content, content views, unrelated;
+   guidance, aligned-content, content views, unrelated — once per seed in ``--seeds`` (the seed draws the
+   crops and the aggregation's initial weights). On 48 training images the seed alone moves a
+   continuation's test PSNR by a few tenths of a dB, so each guided run is compared with ``none`` of the
+   same seed and the ladder reports the mean of those differences and their range;
 4. score each on the test split (full images); for the two stand-ins with known truth, the share of
    input positions whose true source lies inside G that are matched within 4 / 8 px, at initialisation
    and after training; seconds per training step guided / plain at 128² and 256² crops.
@@ -19,7 +22,7 @@ guidance in that regime, in one run:
 Goals: views ≥ none + 1.0 dB; unrelated ≥ none − 0.1 dB; degraded within ±0.2 dB of none; aligned ≥
 none + 2.0 dB; views matched ≥ 60 % within 8 px at the end.
 
-    python bench/guidance_ablation.py [--base-iters 300] [--iters 1500] [--patch 64] [--batch-size 4]
+    python bench/guidance_ablation.py [--base-iters 300] [--iters 1500] [--patch 64] [--batch-size 4] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -99,12 +102,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--agg-lr", type=float, default=5e-4)
     ap.add_argument("--alpha-lr", type=float, default=1e-2, help="lr of the fusion gates α")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0,1,2", help="continuation seeds (the first also trains the baseline)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-images", type=int, default=12, help="test images scored (demo has 12)")
     ap.add_argument("--runs", default="none,degraded,aligned,views,unrelated", help="continuations to run")
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     args = ap.parse_args()
+    args.seed_list = [int(v) for v in args.seeds.split(",")]
+    args.seed = args.seed_list[0]
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     work = args.work
@@ -121,13 +126,14 @@ def main() -> None:
     common = dict(backbone=args.backbone, store=url, patch=args.patch, batch_size=args.batch_size, lr=args.lr,
                   agg_lr=args.agg_lr, alpha_lr=args.alpha_lr, seed=args.seed, val_every=0)
 
-    def run(name: str, **kw) -> dict:
+    def run(name: str, seed: int, **kw) -> dict:
+        name = name if seed == args.seed else f"{name}-s{seed}"
         out = work / "runs" / name
         last = out / "last.pt"
         secs = float("nan")
         if not last.is_file():
             t = time.perf_counter()
-            train(TrainConfig(out=str(out), **{**common, **kw}))
+            train(TrainConfig(out=str(out), **{**common, "seed": seed, **kw}))
             secs = time.perf_counter() - t
         res = evaluate(EvalConfig(checkpoint=str(last), store=url, split="test", limit=args.eval_images))
         search = json.loads((out / "config.json").read_text())["aggregation"]["search"] \
@@ -137,7 +143,7 @@ def main() -> None:
         return {"psnr": res.psnr, "ssim": res.ssim, "input": res.input_psnr, "iters": kw.get("iters"), "s": secs,
                 "search": search}
 
-    results = {"baseline": run("baseline", guidance="none", iters=args.base_iters)}
+    results = {"baseline": [run("baseline", args.seed, guidance="none", iters=args.base_iters)]}
     init = str(work / "runs" / "baseline" / "last.pt")
     matches = {}
     for kind in ("aligned", "views"):  # matching at initialisation: the model the trainer builds under --init
@@ -150,7 +156,7 @@ def main() -> None:
     plan = {"none": dict(guidance="none"), "degraded": dict(guidance="degraded")}
     plan |= {kind: dict(guidance="cache", group=groups[kind]) for kind in STAND_INS}
     for name in args.runs.split(","):
-        results[name] = run(name, iters=args.iters, init=init, **plan[name])
+        results[name] = [run(name, seed, iters=args.iters, init=init, **plan[name]) for seed in args.seed_list]
     alphas = {}
     for kind in ("aligned", "views", "unrelated"):
         path = work / "runs" / kind / "last.pt"
@@ -174,13 +180,25 @@ def main() -> None:
 
 
 def render(args, results, matches, alphas, speed, total) -> str:
-    none = results.get("none", {}).get("psnr", float("nan"))
+    """The BENCHMARKS.md section: per run its test PSNR for every seed, and the mean (range) over seeds of
+    its difference from ``none`` of the same seed."""
     label = {"baseline": "baseline", "none": "none", "degraded": "degraded image as guidance"}
     label |= {k: v for k, v in STAND_INS.items()}
     label["aligned"] = "aligned-content (upper bound)"
-    delta = {name: "" if name == "baseline" else f"{r['psnr'] - none:+.2f}" for name, r in results.items()}
-    rows = "\n".join(f"| {label[name]} | {r['search']} | {r['iters']} | {r['psnr']:.2f} | {delta[name]} | {r['ssim']:.4f} |"
-                     for name, r in results.items())
+    nones = [r["psnr"] for r in results.get("none", [])]
+
+    def vs_none(name, runs):
+        if name in ("baseline", "none") or len(nones) != len(runs):
+            return ""
+        d = [r["psnr"] - n for r, n in zip(runs, nones)]
+        return f"{np.mean(d):+.2f}" + (f" ({min(d):+.2f} … {max(d):+.2f})" if len(d) > 1 else "")
+
+    def psnrs(runs):
+        return " / ".join(f"{r['psnr']:.2f}" for r in runs)
+
+    rows = "\n".join(f"| {label[name]} | {runs[0]['search']} | {runs[0]['iters']} | {psnrs(runs)} | {vs_none(name, runs)} | "
+                     f"{np.mean([r['ssim'] for r in runs]):.4f} |" for name, runs in results.items())
+    seeds = " / ".join(str(v) for v in args.seed_list)
 
     def acc(kind, when):
         m = matches.get(kind, {}).get(when)
@@ -191,25 +209,27 @@ def render(args, results, matches, alphas, speed, total) -> str:
     return f"""{SECTION}
 
 `python bench/guidance_ablation.py --base-iters {args.base_iters} --iters {args.iters} --patch {args.patch} \
---batch-size {args.batch_size}` ({args.backbone}, lr {args.lr:g} / aggregation {args.agg_lr:g} / gates α \
-{args.alpha_lr:g}, seed {args.seed}, {args.threads} threads; {total / 60:.1f} min for this invocation, runs already in
+--batch-size {args.batch_size} --seeds {args.seeds}` ({args.backbone}, lr {args.lr:g} / aggregation {args.agg_lr:g} / gates α \
+{args.alpha_lr:g}, seeds {args.seeds}, {args.threads} threads; {total / 60:.1f} min for this invocation, runs already in
 `--work` are reused). Demo set: 48 train / 12 test images. Stand-ins (`tdr.guided.synthetic`, 512² "center"
 guidance): *content views* (the clean content moved 15–35 % of the frame, rescaled 0.7–1.4×, mirrored half
 the time, colour-jittered; imported without `--aligned`, like generated guidance), *unrelated* (another
 image's content view), *aligned-content* (the clean image shifted ≤ 12 px, ±4 %; imported `--aligned`: an
 upper bound, not evidence for generated guidance). Every continuation starts from the baseline (`--init`)
-with the same budget and the trainer's defaults (`--search auto`). Test PSNR on the first
-{args.eval_images} full test images; the degraded inputs score {results['baseline']['input']:.2f} dB.
+with the same budget and the trainer's defaults (`--search auto`), once per seed (seeds {seeds}: crops and
+the aggregation's initial weights); "vs none" is the mean over seeds of the difference from `none` of the
+same seed, with its range. Test PSNR on the first {args.eval_images} full test images; the degraded inputs
+score {results['baseline'][0]['input']:.2f} dB.
 
-| run | search | iterations | PSNR (dB) | vs none | SSIM |
+| run | search | iterations | PSNR (dB), seed {seeds} | vs none, mean (range) | SSIM (mean) |
 |---|---|---|---|---|---|
 {rows}
 
 Matching (share of input positions whose true source lies inside G that are matched within 4 / 8 px,
 input pixels at the content's scale, first {args.eval_images} full test images): content views
-{acc('views', 'init')} at initialisation, {acc('views', 'end')} after training; aligned-content (prior search)
+{acc('views', 'init')} at initialisation, {acc('views', 'end')} after training (seed {args.seed}); aligned-content (prior search)
 {acc('aligned', 'init')} / {acc('aligned', 'end')}. Image features are fixed, so only the scores that weight
-the transfer learn. Mean |α| after training: {', '.join(f'{STAND_INS[k]} {v:.4f}' for k, v in alphas.items())}.
+the transfer learn. Mean |α| after training (seed {args.seed}): {', '.join(f'{STAND_INS[k]} {v:.4f}' for k, v in alphas.items())}.
 
 Seconds per training step (batch {args.batch_size}, forward + L1 backward + AdamW, random crops with 512²
 guidance of a frame twice the crop's side, default aggregation, same run; the first row is the ladder's crop):
