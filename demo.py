@@ -301,8 +301,9 @@ def write_report(out: Path, settings: DemoSettings, metrics: dict, input_psnr: f
            "the positions inside the centre square the guidance shows); in the 1500-iteration ladder of "
            "BENCHMARKS.md it leads." if bound < gain else "")
     lines += ["", f"Guided by content views minus unguided, same budget: **{gain:+.2f} dB** (aligned-content, the "
-              f"upper bound: {bound:+.2f} dB).{lag} bench/guidance_ablation.py measures the same ladder with a "
-              "longer budget, unrelated guidance and match accuracy.", "",
+              f"upper bound: {bound:+.2f} dB).{lag} One run each: the training seed alone moves such a difference by "
+              "a few tenths of a dB. bench/guidance_ablation.py measures the same ladder with a longer budget, "
+              "several seeds, unrelated guidance and match accuracy.", "",
               "![loss curves](loss.png)", "", "### Test images", "", "Each grid names its panels above them.", ""]
     for name in ("unguided", "guided", "aligned"):
         lines.append(f"**{RUNS[name]}** ({' | '.join(grid_panels(name != 'unguided'))})")
