@@ -124,7 +124,7 @@ def main() -> None:
     groups = groups_by_kind(url)
 
     common = dict(backbone=args.backbone, store=url, patch=args.patch, batch_size=args.batch_size, lr=args.lr,
-                  agg_lr=args.agg_lr, alpha_lr=args.alpha_lr, seed=args.seed, val_every=0)
+                  agg_lr=args.agg_lr, alpha_lr=args.alpha_lr, val_every=0)  # seed: per run
 
     def run(name: str, seed: int, **kw) -> dict:
         name = name if seed == args.seed else f"{name}-s{seed}"
