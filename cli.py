@@ -665,6 +665,7 @@ def train_cmd(
     transfer: Optional[str] = typer.Option(None, "--transfer", help="Feature transfer: bilinear (sub-cell) or patch (paper)."),
     iters: Optional[int] = typer.Option(None, "--iters", help="Training iterations."),
     patch: Optional[int] = typer.Option(None, "--patch", help="Training crop side in pixels."),
+    context: Optional[int] = typer.Option(None, "--context", help="Global search: side of the degraded frame window around each crop its coarse stage sees (0: the crop alone)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Crops per iteration and process."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Backbone learning rate (default: the paper's for the backbone)."),
     agg_lr: Optional[float] = typer.Option(None, "--agg-lr", help="Aggregation learning rate (default: about half of --lr)."),
@@ -690,7 +691,7 @@ def train_cmd(
     aggregation = dict(fuse=fuse, search=search, match_features=match, transfer=transfer)
     config = train_config(dict(backbone=backbone, store=store, out=out_dir, dataset=dataset, guidance=guidance,
                                group=group, aggregation=aggregation, iters=iters, patch=patch, batch_size=batch_size,
-                               lr=lr, agg_lr=agg_lr, alpha_lr=alpha_lr, ema=ema, seed=seed, init=init,
+                               context=context, lr=lr, agg_lr=agg_lr, alpha_lr=alpha_lr, ema=ema, seed=seed, init=init,
                                resume=resume or None, workers=workers, val_every=val_every, device=device),
                           config_file=config_file)
     with progress_bar("train") as update:

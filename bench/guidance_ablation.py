@@ -17,7 +17,8 @@ guidance in that regime, in one run:
    same seed and the ladder reports the mean of those differences and their range;
 4. score each on the test split (full images); for the two stand-ins with known truth, the share of
    input positions whose true source lies inside G that are matched within 4 / 8 px, at initialisation
-   and after training; seconds per training step guided / plain at 128² and 256² crops.
+   and after training, and on training crops searched alone and within the frame window around them
+   (``TrainConfig.context``); seconds per training step guided / plain at 128² and 256² crops.
 
 Goals: views ≥ none + 1.0 dB; unrelated ≥ none − 0.1 dB; degraded within ±0.2 dB of none; aligned ≥
 none + 2.0 dB; views matched ≥ 60 % within 8 px at the end.
@@ -39,11 +40,12 @@ import torch
 
 from tdr.cache import open_store
 from tdr.cache.ingest import ingest
-from tdr.guided.aggregation import AggregationConfig, guidance_box
+from tdr.guided.aggregation import AggregationConfig, Context, guidance_box
 from tdr.guided.backbones import build_backbone, load_backbone_checkpoint
 from tdr.guided.config import EvalConfig, TrainConfig, resolve_search
 from tdr.guided.evaluate import evaluate, load_run, restore, to_tensor
 from tdr.guided.synthetic import make_guidance, match_hits
+from tdr.guided.data import TripleDataset
 from tdr.guided.train import train
 from tdr.runs.checkpoint import load as load_checkpoint
 
@@ -71,19 +73,46 @@ def match_accuracy(model, url: str, group: str, truth: dict, limit: int, toleran
     return {f"within_{t}px": float(hv / max(scored, 1)) for t, hv in zip(tolerances, hits)} | {"scored": scored}
 
 
-def step_seconds(backbone: str, patch: int, batch: int, guided: bool, steps: int = 4) -> float:
+def crop_match_accuracy(model, url: str, group: str, truth: dict, patch: int, context: int, crops: int,
+                        tolerances=(4, 8)) -> dict:
+    """As :func:`match_accuracy`, on ``crops`` random ``patch``² crops of the test images as training reads
+    them (``TripleDataset``, no flips), each searched with the frame window of side ``context`` around it
+    (0: the crop alone)."""
+    ds = TripleDataset(url, "test", patch=patch, group=group, augment=False, seed=0, context=context)
+    hits, scored = np.zeros(len(tolerances)), 0
+    for k in range(crops):
+        item = ds[k]
+        yx = tuple(int(v) for v in item["box"][:2])
+        box = guidance_box(ds.layout, tuple(int(v) for v in item["full_size"]), crop_yx=yx)
+        ctx = Context(item["context"][None], item["context_yx"][None]) if "context" in item else None
+        with torch.no_grad():
+            model(item["lq"][None], item["guidance"][None], box=box, context=ctx)
+        h, n = match_hits(model.agg.last_matches, truth[ds._split.ids[ds.image_for(k)]]["A"], tolerances, crop_yx=yx)
+        hits, scored = hits + h, scored + n
+    return {f"within_{t}px": float(hv / max(scored, 1)) for t, hv in zip(tolerances, hits)} | {"scored": scored}
+
+
+def step_seconds(backbone: str, patch: int, batch: int, guided: bool, context: int = TrainConfig.context,
+                 steps: int = 4) -> float:
     """Seconds per training step (forward, L1 backward, AdamW) on ``patch``² crops of a frame twice their
     side with its 512² "center" guidance, as training sees them (default aggregation: the global
-    search), median of ``steps`` after one warm-up step."""
+    search, with the frame window of side ``context`` around each crop when that is larger than the
+    crop), median of ``steps`` after one warm-up step."""
     torch.manual_seed(0)
     model = build_backbone(backbone, guided=guided).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, gt, g = torch.rand(batch, 3, patch, patch), torch.rand(batch, 3, patch, patch), torch.rand(batch, 3, 512, 512)
     box = guidance_box("center", (2 * patch, 5 * patch // 2), crop_yx=(patch // 2, patch // 2), batch=batch)
+    c = min(context, 2 * patch)
+    ctx = None
+    if c > patch:
+        window = torch.rand(batch, 3, c, c)
+        window[..., (c - patch) // 2:(c + patch) // 2, (c - patch) // 2:(c + patch) // 2] = x
+        ctx = Context(window, torch.tensor([[(c - patch) // 2] * 2] * batch))
     times = []
     for _ in range(steps + 1):
         t = time.perf_counter()
-        out = model(x, g, box=box) if guided else model(x)
+        out = model(x, g, box=box, context=ctx) if guided else model(x)
         (out - gt).abs().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -105,6 +134,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2", help="continuation seeds (the first also trains the baseline)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-images", type=int, default=12, help="test images scored (demo has 12)")
+    ap.add_argument("--crops", type=int, default=48, help="test crops scored for training-crop matching")
     ap.add_argument("--runs", default="none,degraded,aligned,views,unrelated", help="continuations to run")
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     args = ap.parse_args()
@@ -153,6 +183,10 @@ def main() -> None:
         load_backbone_checkpoint(fresh, load_checkpoint(init))
         matches[kind] = {"init": match_accuracy(fresh.eval(), url, groups[kind], truth[kind], args.eval_images)}
         print(f"matches at init, {kind}: {matches[kind]['init']}", flush=True)
+        if kind == "views":  # training crops, searched alone and within the frame window around them
+            matches["crops"] = {c: crop_match_accuracy(fresh, url, groups[kind], truth[kind], args.patch, c,
+                                                       args.crops) for c in (0, TrainConfig.context)}
+            print(f"matches at init, {args.crops} test crops of views, by context: {matches['crops']}", flush=True)
     plan = {"none": dict(guidance="none"), "degraded": dict(guidance="degraded")}
     plan |= {kind: dict(guidance="cache", group=groups[kind]) for kind in STAND_INS}
     for name in args.runs.split(","):
@@ -204,6 +238,8 @@ def render(args, results, matches, alphas, speed, total) -> str:
         m = matches.get(kind, {}).get(when)
         return f"{m['within_4px']:.0%} / {m['within_8px']:.0%}" if m else "—"
 
+    crops = ", ".join(f"{'searched alone' if int(c) == 0 else f'within the {c}² frame window around them'} "
+                      f"{m['within_4px']:.0%} / {m['within_8px']:.0%}" for c, m in matches.get("crops", {}).items())
     speed_rows = "\n".join(f"| {p}² | {s['plain']:.3f} | {s['guided']:.3f} | {s['guided'] / s['plain']:.2f}× |"
                            for p, s in speed.items())
     return f"""{SECTION}
@@ -229,10 +265,13 @@ Matching (share of input positions whose true source lies inside G that are matc
 input pixels at the content's scale, first {args.eval_images} full test images): content views
 {acc('views', 'init')} at initialisation, {acc('views', 'end')} after training (seed {args.seed}); aligned-content (prior search)
 {acc('aligned', 'init')} / {acc('aligned', 'end')}. Image features are fixed, so only the scores that weight
-the transfer learn. Mean |α| after training (seed {args.seed}): {', '.join(f'{STAND_INS[k]} {v:.4f}' for k, v in alphas.items())}.
+the transfer learn. Training crops ({args.crops} random {args.patch}² crops of the test images as the trainer reads
+them, content views, at initialisation): {crops}.
+Mean |α| after training (seed {args.seed}): {', '.join(f'{STAND_INS[k]} {v:.4f}' for k, v in alphas.items())}.
 
 Seconds per training step (batch {args.batch_size}, forward + L1 backward + AdamW, random crops with 512²
-guidance of a frame twice the crop's side, default aggregation, same run; the first row is the ladder's crop):
+guidance of a frame twice the crop's side, default aggregation with the training default's frame window around
+each crop, `context` {TrainConfig.context} px (at most the frame), same run; the first row is the ladder's crop):
 
 | crop | plain | guided | guided / plain |
 |---|---|---|---|

@@ -72,6 +72,8 @@ class TrainConfig:
     swap: float = 0.0  # share of training crops given another image's guidance (see TripleDataset.guidance_image)
     iters: int = 1000
     patch: int = 128  # training crop side
+    context: int = 128  # global search: side of the degraded frame window around each crop that its coarse
+    #   stage sees (TripleDataset, aggregation.Context); ≤ patch: the crop alone
     batch_size: int = 4  # per process (global batch = batch_size · world size)
     lr: float | None = None  # backbone lr; None: the paper's for this backbone (its supplement)
     agg_lr: float | None = None  # aggregation lr; None: the paper's (about half the backbone's)
@@ -99,7 +101,7 @@ class TrainConfig:
         for name in ("iters", "patch", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("workers", "val_every", "val_crop", "val_images", "save_every", "grad_clip"):
+        for name in ("workers", "val_every", "val_crop", "val_images", "save_every", "grad_clip", "context"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}.")
         if not 0.0 <= self.swap <= 1.0:

@@ -4,7 +4,9 @@ Each sample is a random ``patch``² crop of the degraded and clean images (readi
 covers) with a random flip/rotation, plus the whole guidance image of that degraded image, plus the
 crop's geometry (where the crop lies in the full image) so the aggregation can use the known layout of
 guidance. Sample ``k`` of a run is a pure function of (seed, k): crops do not depend on worker count,
-and a resumed run sees exactly the samples the uninterrupted run would have seen.
+and a resumed run sees exactly the samples the uninterrupted run would have seen. With ``context`` a
+sample also holds the degraded frame around its crop (the same flip/rotation applied), for the global
+search's coarse stage (:class:`~tdr.guided.aggregation.Context`).
 """
 
 from __future__ import annotations
@@ -58,12 +60,16 @@ class TripleDataset(Dataset):
 
     ``guidance``: "cache" (the store's guidance group ``group``), "none" (no guidance: the baseline),
     "degraded" (the degraded image laid out as guidance would be: the paper's "Degr." ablation).
+    ``context``: side of the square window of the degraded frame around each crop that items also
+    carry ("context", and the crop's top-left inside it, "context_yx"); the window is centred on the
+    crop where the frame allows, and no larger than the split's smallest image side; 0 (or ≤ ``patch``):
+    none. The crops themselves do not depend on it.
     Items are indexed by a global sample number (see :class:`SampleSequence`); the store is opened
     lazily in each DataLoader worker.
     """
 
     def __init__(self, url: str, split: str, *, patch: int, guidance: str = "cache", group: str | None = None,
-                 augment: bool = True, seed: int = 0, swap: float = 0.0,
+                 augment: bool = True, seed: int = 0, swap: float = 0.0, context: int = 0,
                  storage_options: Mapping[str, Any] | None = None):
         if guidance not in GUIDANCE_MODES:
             raise ConfigError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, not {guidance!r}.",
@@ -76,10 +82,15 @@ class TripleDataset(Dataset):
         store = open_store(url, storage_options=self.storage_options)
         sp = store[split]
         self.n = len(sp)
-        small = [sp.ids[i] for i in range(self.n) if min(sp.lq_size(i)) < self.patch]
+        if context < 0:
+            raise ConfigError(f"context must be a window side in pixels (0: none), not {context}.", param="context")
+        sides = [min(sp.lq_size(i)) for i in range(self.n)]
+        small = [sp.ids[i] for i in range(self.n) if sides[i] < self.patch]
         if small:
             raise StoreError(f"Image '{small[0]}' of split '{split}' is smaller than patch {self.patch}; "
                              "use a smaller patch.", param="patch")
+        side = min([int(context)] + sides)
+        self.context = side if side > self.patch and guidance != "none" else 0
         if guidance == "cache":
             gs = store.guidance(group)
             done = gs.done(split, check=False)
@@ -131,12 +142,24 @@ class TripleDataset(Dataset):
         left = int(rng.integers(0, w - self.patch + 1))
         box = (top, left, self.patch, self.patch)
         flip, rot = augment_ops(rng) if self.augment else (False, 0)
-        lq = _apply(to_float_chw(sp.read_lq(i, box)), flip, rot)
+        if self.context:  # the window around the crop, read once; the crop is cut from it
+            c, p = self.context, self.patch
+            ctop = min(max(top + p // 2 - c // 2, 0), h - c)
+            cleft = min(max(left + p // 2 - c // 2, 0), w - c)
+            window = sp.read_lq(i, (ctop, cleft, c, c))
+            lq = window[top - ctop:top - ctop + p, left - cleft:left - cleft + p]
+        else:
+            lq = sp.read_lq(i, box)
+        lq = _apply(to_float_chw(lq), flip, rot)
         gt = _apply(to_float_chw(sp.read_gt(i, box)), flip, rot)
         # the guidance turns with the crop, so the crop's place in the (turned) full frame stays known
         tbox, tfull = transform_box(box, (h, w), flip, rot)
         item = {"lq": lq, "gt": gt, "index": torch.tensor(i), "box": torch.tensor(tbox),
                 "full_size": torch.tensor(tfull)}
+        if self.context:
+            inner, _ = transform_box((top - ctop, left - cleft, p, p), (c, c), flip, rot)
+            item["context"] = _apply(to_float_chw(window), flip, rot)
+            item["context_yx"] = torch.tensor(inner[:2])
         j = self.guidance_image(k, i)
         if self.guidance_mode == "cache":
             item["guidance"] = _apply(to_float_chw(self._guid.read(self.split, j)), flip, rot)

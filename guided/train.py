@@ -30,7 +30,7 @@ from ..cache.ingest import min_side
 from ..runs.checkpoint import load, rng_state, save, set_rng_state
 from ..runs.config import ConfigError, check_resume, from_dict
 from ..runs.launch import Launch, launch
-from .aggregation import guidance_box
+from .aggregation import Context, guidance_box
 from .backbones import backbone_factory, build_backbone
 from .backbones.common import load_backbone_checkpoint
 from .checkpoint import SCHEMA, is_run_checkpoint, run_config
@@ -183,10 +183,12 @@ def _train(config: TrainConfig, progress: Progress | None, model: torch.nn.Modul
     if "train" not in store.splits:
         raise StoreError(f"Store {config.store} has no 'train' split (it has: {', '.join(store.splits)}).")
     ds = TripleDataset(config.store, "train", patch=config.patch, guidance=config.guidance,
-                       group=config.group, seed=config.seed, swap=config.swap)
+                       group=config.group, seed=config.seed, swap=config.swap, context=config.context)
     if config.guidance == "cache":
         config = replace(config, group=ds.group)
     config = _resolved_aggregation(config, model, ds)
+    if config.aggregation.search != "global":
+        ds.context = 0  # only the global search reads the frame around a crop
     if resume_ckpt is not None:
         saved = from_dict(TrainConfig, run_config(resume_ckpt, str(last)), source=str(last))
         check_resume(saved, config, RESUME_FREE)
@@ -265,7 +267,9 @@ def _train(config: TrainConfig, progress: Progress | None, model: torch.nn.Modul
         with autocast:
             if guided:
                 guide = batch["guidance"].to(device, non_blocking=True)
-                out = net(lq, guide, box=crop_boxes(layout, batch, device))
+                context = (Context(batch["context"].to(device, non_blocking=True), batch["context_yx"].to(device))
+                           if "context" in batch else None)
+                out = net(lq, guide, box=crop_boxes(layout, batch, device), context=context)
             else:
                 out = net(lq)
         loss = F.l1_loss(out.float(), gt)

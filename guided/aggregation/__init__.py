@@ -22,9 +22,9 @@ compared), ``search`` (placements and matchers), ``transfer``, ``modules`` (enco
 
 from .config import FUSE_MODES, MATCH_FEATURES, SCALES, SEARCHES, TRANSFERS, AggregationConfig
 from .features import image_features
-from .geometry import Matches, guidance_box, input_to_guidance
+from .geometry import Context, Matches, guidance_box, input_to_guidance
 from .modules import BlockFactory, DynamicAggregation, Fusion, SharedEncoder
 
 __all__ = ["FUSE_MODES", "MATCH_FEATURES", "SCALES", "SEARCHES", "TRANSFERS", "AggregationConfig", "BlockFactory",
-           "DynamicAggregation", "Fusion", "Matches", "SharedEncoder", "guidance_box", "image_features",
+           "Context", "DynamicAggregation", "Fusion", "Matches", "SharedEncoder", "guidance_box", "image_features",
            "input_to_guidance"]

@@ -21,6 +21,16 @@ class Matches:
     stride: int  # input pixels per match-level cell
 
 
+@dataclass
+class Context:
+    """The degraded frame around each input of a batch (training crops): the global search's coarse
+    stage scores candidates on it, so a crop is placed in G as the whole frame around it would be, not
+    from the few cells a crop holds. The search's output still covers the input only."""
+
+    image: torch.Tensor  # (B,3,Hc,Wc) in [0,1], the frame window holding the input
+    yx: torch.Tensor  # (B,2) the input's top-left corner inside it (pixels, y x)
+
+
 def guidance_box(layout: str, frame_hw: tuple[int, int], *, crop_yx: tuple[float, float] = (0, 0),
                  batch: int = 1, device=None) -> torch.Tensor:
     """Box (B,4) = (top, left, height, width) in input pixels that the guidance of a frame is about.

@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import FUSE_MODES, AggregationConfig
 from .features import box_sum, image_features, patch_cosine, subcell
-from .geometry import Matches, crop, grid, guidance_box, inside_box, sample_coords
+from .geometry import Context, Matches, crop, grid, guidance_box, inside_box, sample_coords
 from .search import SEARCHES
 from .transfer import TRANSFERS
 
@@ -118,13 +118,14 @@ class DynamicAggregation(nn.Module):
         return -(-(self.config.radius + 1) * 2 ** self.match_level // mult) * mult
 
     def prepare(self, x: torch.Tensor, guidance: torch.Tensor, input_hw: tuple[int, int],
-                box: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+                box: torch.Tensor | None = None, context: Context | None = None) -> list[torch.Tensor | None]:
         """Aligned guidance features per level for the padded input ``x``.
 
         x: (B,3,Hp,Wp) in [0,1], padded at the bottom/right to a multiple of 2^levels; ``input_hw`` its
         size before padding. guidance: (B,3,Hg,Wg) in [0,1], any size. box: (B,4) (top, left, height,
         width) in input pixels that the guidance is about (its scale; for the prior search its place);
-        default from ``config.layout`` (input = frame).
+        default from ``config.layout`` (input = frame). context: the degraded frame around the input (a
+        training crop's), seen by the global search's coarse stage (:class:`Context`); None: the input only.
         Returns [(B, nf·2^l, Hp/2^l, Wp/2^l) or None where no fusion point needs level l]; with
         ``config.confidence`` one more channel, the matches' agreement (:meth:`_agreement`).
         """
@@ -142,7 +143,7 @@ class DynamicAggregation(nn.Module):
         #    give the encoder an edge that transfer carries into the restored image as a line
         margin = self._margin()
         with torch.no_grad():
-            placed = search.place(x, guidance.to(x.dtype), box, cfg, margin or 2 ** self.levels)
+            placed = search.place(x, guidance.to(x.dtype), box, cfg, margin or 2 ** self.levels, context)
 
         # 2. shared encoder: G's frame at every level (transfer reads them all); X only up to the match
         #    level (its features serve the match score, nothing else), with a few cells of its edge pixels

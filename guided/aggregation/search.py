@@ -2,9 +2,10 @@
 
 A search has two stages with one signature each, kept together in ``SEARCHES``:
 
-- ``place(x, guidance, box, cfg, margin) -> Placed``: brings G into the frame matching runs in (for
-  "prior" and "global": the input's frame grown by ``margin`` px on each side; for "masa": G's own frame
-  at the input's scale), with the G pixel coordinates of every frame pixel;
+- ``place(x, guidance, box, cfg, margin, context=None) -> Placed``: brings G into the frame matching runs
+  in (for "prior" and "global": the input's frame grown by ``margin`` px on each side; for "masa": G's own
+  frame at the input's scale), with the G pixel coordinates of every frame pixel; ``context`` (the
+  degraded frame around a training crop) is read by "global" only;
 - ``match(mx, mg, cfg, margin) -> q``: matching features of X (B,C,h,w) and of the placed G at the match
   level → each X cell's matched cell in the placed G's frame (B,2,h,w) long (``margin`` in cells).
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from .config import AggregationConfig
 from .features import box3, box_sum, image_features, patch_norm
-from .geometry import frame_pixels, grid, input_to_guidance
+from .geometry import Context, frame_pixels, grid, input_to_guidance
 
 
 @dataclass
@@ -50,7 +51,7 @@ def _zoom(box: torch.Tensor, guidance_hw) -> torch.Tensor:
 
 
 # -- placements ---------------------------------------------------------------------------------------
-def place_box(x, guidance, box, cfg: AggregationConfig, margin: int) -> Placed:
+def place_box(x, guidance, box, cfg: AggregationConfig, margin: int, context: Context | None = None) -> Placed:
     """G resampled through the layout box into the input's frame grown by ``margin``: valid only where
     the guidance's geometry follows the input (provenance ``aligned``)."""
     B, _, Hp, Wp = x.shape
@@ -59,7 +60,7 @@ def place_box(x, guidance, box, cfg: AggregationConfig, margin: int) -> Placed:
     return Placed(_resample(guidance, coords, float(_zoom(box, guidance.shape[-2:]).max())), coords)
 
 
-def place_rescaled(x, guidance, box, cfg: AggregationConfig, margin: int) -> Placed:
+def place_rescaled(x, guidance, box, cfg: AggregationConfig, margin: int, context: Context | None = None) -> Placed:
     """G at the input's scale (each sample by its own box), in its own frame: a canvas the size of the
     largest, a multiple of X's padding multiple (``margin`` here: that multiple); edges repeated."""
     B = x.shape[0]
@@ -73,15 +74,20 @@ def place_rescaled(x, guidance, box, cfg: AggregationConfig, margin: int) -> Pla
     return Placed(_resample(guidance, coords, float(zoom.max())), coords)
 
 
-def place_global(x, guidance, box, cfg: AggregationConfig, margin: int) -> Placed:
+def place_global(x, guidance, box, cfg: AggregationConfig, margin: int, context: Context | None = None) -> Placed:
     """Coarse stage of the global search: every cell of X (cells of 2^L px, L ≥ 3) searches all of G at
     ``cfg.scales`` × the box's scale, plain and (``cfg.mirror``) mirrored, scoring each candidate by the
     mean 3×3-patch cosine of image features over a ``coarse_vote``² neighbourhood (a block-sized
     template, as MASA-SR's coarse stage intends, dense instead of per block). Each cell keeps its best
     (version, place) as a local similarity map X → G; maps are averaged only among neighbours that agree,
     and G is resampled through them into the input's frame grown by ``margin``, where the local search
-    refines every position. Any position can draw from anywhere in G."""
+    refines every position. Any position can draw from anywhere in G. With ``context`` (the frame
+    window around a training crop) the whole window is the template: the crop is placed by as much
+    content as a test frame's cell sees around it, not by the few cells it holds alone, and its pixels
+    read the window's map."""
     B, _, Hp, Wp = x.shape
+    src, shift = (x, None) if context is None else (context.image.to(x.dtype), context.yx)
+    Hs, Ws = src.shape[-2:]
     Hg, Wg = guidance.shape[-2:]
     zoom = _zoom(box, (Hg, Wg))
     versions = [(s, m) for s in cfg.scales for m in ((False, True) if cfg.mirror else (False,))]
@@ -89,10 +95,10 @@ def place_global(x, guidance, box, cfg: AggregationConfig, margin: int) -> Place
     L = max(3, math.ceil(math.log2(max(1.0, biggest / cfg.coarse_cells))))
     S = 2 ** L
     with torch.autocast(x.device.type, enabled=False):
-        fx = image_features(x.float(), L)  # (B,6,h,w)
+        fx = image_features(src.float(), L)  # (B,6,h,w)
         h, w = fx.shape[-2:]
         cells = grid(h, w, x.device).float() * S + (S - 1) / 2
-        ok_x = (cells < x.new_tensor([Hp, Wp]).float().view(1, 2, 1, 1)).all(1, keepdim=True)  # (1,1,h,w)
+        ok_x = (cells < x.new_tensor([Hs, Ws]).float().view(1, 2, 1, 1)).all(1, keepdim=True)  # (1,1,h,w)
         # every version of every sample's G at the coarse level: the image averaged over each cell (as
         # image_features pools X), then its features; padded to one size, with a mask of what is G
         sizes = [[(max(S, round(Hg * float(zoom[b, 0]) * s)), max(S, round(Wg * float(zoom[b, 1]) * s)))
@@ -114,10 +120,12 @@ def place_global(x, guidance, box, cfg: AggregationConfig, margin: int) -> Place
         if cfg.centre:
             mx = mx - (mx * ok_x).sum((2, 3), keepdim=True) / ok_x.sum().clamp_min(1)
             mg = (mg - (mg * ok_g).sum((3, 4), keepdim=True) / ok_g.sum((3, 4), keepdim=True)) * ok_g
-        _, version, d = coarse_vote(mx, mg, ok_x, ok_g, cfg.coarse_vote)
-        pix = frame_pixels(Hp, Wp, margin, x.device)
+        vote = cfg.coarse_vote if context is None else 2 * (max(h, w) // 2) + 1  # context: one template
+        _, version, d = coarse_vote(mx, mg, ok_x, ok_g, vote)
+        pix = frame_pixels(Hp, Wp, margin, x.device)  # input pixels; in the context's frame: + its shift
+        at = [pix if shift is None else pix + shift[b].to(pix).view(1, 2, 1, 1) for b in range(B)]
         coords = torch.cat([_local_maps(version[b], d[b], sizes[b], [m for _, m in versions], S, (Hg, Wg),
-                                        ok_x[0, 0], pix) for b in range(B)])
+                                        ok_x[0, 0], at[b]) for b in range(B)])
     return Placed(_resample(guidance, coords.to(guidance.dtype), float(zoom.max())), coords)
 
 

@@ -1,6 +1,6 @@
 """Restoration backbones, plain or guided, by name.
 
-Every model has ``forward(degraded, guidance=None, *, box=None) -> restored`` on (B,3,H,W) floats in
+Every model has ``forward(degraded, guidance=None, *, box=None, context=None) -> restored`` on (B,3,H,W) floats in
 [0,1] of any size. Guided models keep the official parameter names for the backbone and put the
 dynamic aggregation under ``agg.``: ``load_backbone_checkpoint`` loads official checkpoints into the
 backbone part, ``model.aggregation_parameters()`` gives the aggregation's parameters (own lr).

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import CheckpointMismatchError, ConfigError, UnknownBackboneError  # noqa: F401  (importable from here as before)
-from ..aggregation import AggregationConfig, BlockFactory, DynamicAggregation
+from ..aggregation import AggregationConfig, BlockFactory, Context, DynamicAggregation
 
 AGG_PREFIX = "agg."
 
@@ -36,7 +36,7 @@ class Unused(nn.Module):
 
 
 class Restorer(nn.Module):
-    """Base of every backbone: ``forward(degraded, guidance=None, *, box=None) -> restored``.
+    """Base of every backbone: ``forward(degraded, guidance=None, *, box=None, context=None) -> restored``.
 
     Subclasses build their official modules, then call ``_attach_aggregation`` (last, so a guided and
     an unguided model built under the same seed get the same backbone weights), and implement
@@ -64,17 +64,19 @@ class Restorer(nn.Module):
         return feat if aligned is None else self.agg.fuse(name, feat, aligned)
 
     def forward(self, degraded: torch.Tensor, guidance: torch.Tensor | None = None, *,
-                box: torch.Tensor | None = None) -> torch.Tensor:
+                box: torch.Tensor | None = None, context: Context | None = None) -> torch.Tensor:
         """degraded (B,3,H,W) float in [0,1], any H, W; guidance (B,3,Hg,Wg) in [0,1], any size (ignored
         when unguided); box (B,4) (top, left, height, width) in degraded's pixels that the guidance shows
-        (default from the aggregation's layout). Returns (B,3,H,W); clamped to [0,1] in eval mode."""
+        (default from the aggregation's layout); context: the degraded frame around a training crop, for
+        the global search (:class:`~tdr.guided.aggregation.Context`). Returns (B,3,H,W); clamped to [0,1]
+        in eval mode."""
         h, w = degraded.shape[-2:]
         x = pad_to_multiple(degraded, self.multiple)
         aligned = None
         if self.agg is not None:
             if guidance is None:
                 raise ConfigError("This backbone is guided: pass guidance, or build it with guided=False.")
-            aligned = self.agg.prepare(x, guidance, (h, w), box)
+            aligned = self.agg.prepare(x, guidance, (h, w), box, context)
         out = self.restore(x, aligned)[..., :h, :w]
         return out if self.training else out.clamp(0, 1)
 

@@ -221,10 +221,10 @@ class SFNet(Restorer):
     def restore(self, inp, aligned):
         return self._pyramid(inp, aligned)[-1]
 
-    def forward_pyramid(self, degraded, guidance=None, *, box=None) -> list[torch.Tensor]:
+    def forward_pyramid(self, degraded, guidance=None, *, box=None, context=None) -> list[torch.Tensor]:
         """Outputs at 1/4, 1/2 and full scale (SFNet's multi-scale loss), each cropped to its input."""
         h, w = degraded.shape[-2:]
         x = pad_to_multiple(degraded, self.multiple)
-        aligned = None if self.agg is None else self.agg.prepare(x, guidance, (h, w), box)
+        aligned = None if self.agg is None else self.agg.prepare(x, guidance, (h, w), box, context)
         outs = self._pyramid(x, aligned)
         return [o[..., : -(-h // 2 ** i), : -(-w // 2 ** i)] for o, i in zip(outs, (2, 1, 0))]

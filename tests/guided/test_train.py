@@ -394,3 +394,50 @@ def test_swap_gives_a_share_of_crops_another_images_guidance(store):
     assert 10 <= swapped <= 30
     with pytest.raises(ValueError, match="swap"):
         TripleDataset(store, "train", patch=32, swap=1.5)
+
+
+def test_items_carry_the_frame_around_their_crop(store):
+    """context: every item also holds the degraded frame window around its crop, turned with it; the crop
+    is that window at ``context_yx``; the crops do not depend on it; the window is no larger than the
+    split's smallest image side (40 px here); none for unguided runs or a window no larger than the crop."""
+    from tdr.guided.data import TripleDataset
+
+    plain = TripleDataset(store, "train", patch=32, seed=0)
+    wide = TripleDataset(store, "train", patch=32, seed=0, context=128)
+    assert wide.context == 40 and plain.context == 0
+    placed = set()
+    for k in range(24):
+        a, b = plain[k], wide[k]
+        assert "context" not in a and torch.equal(a["lq"], b["lq"]) and torch.equal(a["box"], b["box"])
+        y, x = (int(v) for v in b["context_yx"])
+        assert b["context"].shape == (3, 40, 40) and 0 <= y <= 8 and 0 <= x <= 8
+        assert torch.equal(b["context"][:, y:y + 32, x:x + 32], b["lq"])
+        placed.add((y, x))
+    assert len(placed) > 3  # crops lie at several places in their windows (edges, flips, rotations)
+    assert TripleDataset(store, "train", patch=32, guidance="none", context=128).context == 0
+    assert TripleDataset(store, "train", patch=40, context=40).context == 0
+    with pytest.raises(ConfigError, match="context"):
+        TripleDataset(store, "train", patch=32, context=-1)
+
+
+def test_training_hands_the_frame_around_each_crop_to_the_global_search(store, tmp_path, monkeypatch):
+    """The trainer passes each crop's window (as the dataset cut it) to a global-search model, and none
+    with context 0 or to the prior search."""
+    from tdr.guided.aggregation import DynamicAggregation
+
+    seen = []
+    original = DynamicAggregation.prepare
+
+    def spy(self, x, guidance, input_hw, box=None, context=None):
+        seen.append(None if context is None else (tuple(context.image.shape), context.yx.tolist()))
+        return original(self, x, guidance, input_hw, box, context)
+
+    monkeypatch.setattr(DynamicAggregation, "prepare", spy)
+    train(cfg(store, tmp_path / "a", iters=2, batch_size=2))
+    assert len(seen) == 2 and all(s is not None and s[0] == (2, 3, 40, 40) for s in seen)
+    seen.clear()
+    train(cfg(store, tmp_path / "b", iters=1, context=0))
+    assert seen == [None]
+    seen.clear()
+    train(cfg(store, tmp_path / "c", iters=1, guidance="degraded"))  # aligned: the prior search
+    assert seen == [None]
