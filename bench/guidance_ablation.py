@@ -253,7 +253,7 @@ def render(args, results, matches, alphas, speed, total) -> str:
     return f"""{SECTION}
 
 `python bench/guidance_ablation.py --base-iters {args.base_iters} --iters {args.iters} --patch {args.patch} \
---batch-size {args.batch_size} --seeds {args.seeds} --bound-seeds {args.bound_seeds}` ({args.backbone}, lr {args.lr:g} / aggregation {args.agg_lr:g} / gates α \
+--batch-size {args.batch_size} --seeds {args.seeds} --bound-seeds {args.bound_seeds} --threads {args.threads}` ({args.backbone}, lr {args.lr:g} / aggregation {args.agg_lr:g} / gates α \
 {args.alpha_lr:g}, {args.threads} thread{'s' if args.threads != 1 else ''}; {total / 60:.1f} min for this invocation, runs already in
 `--work` are reused). Demo set: 48 train / 12 test images. Stand-ins (`tdr.guided.synthetic`, 512² "center"
 guidance): *content views* (the clean content moved 15–35 % of the frame, rescaled 0.7–1.4×, mirrored half
