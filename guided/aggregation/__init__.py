@@ -11,7 +11,8 @@ CVPR 2024), §3.3 and eq. 4, after the matching of MASA-SR (Lu et al., CVPR 2021
    features (default) or the encoder's (paper), and scores each match by the encoder's cosine;
 3. transfer (``transfer.TRANSFERS``): G's features moved onto X's grid at every fused level, weighted by
    the score — sub-cell bilinear (default) or the paper's patches;
-4. fusion (eq. 4): ``F_x ← F_x + α·B([F_x, F̂_g])``, B a block native to the backbone, α = 0 at init.
+4. fusion (eq. 4): ``F_x ← F_x + α·B([F_x, F̂_g])``, B a block native to the backbone, α = 0 at init;
+   optionally (``gate``) the branch weighted per position by how well the matches agree with the input.
 
 Unlike the paper's code: any input size, any guidance size and aspect ratio, no Python loop over
 blocks, bounded memory.

@@ -47,6 +47,10 @@ class AggregationConfig:
     dilations: tuple[int, ...] = (1, 2, 3)  # dilations of the block descriptor
     match_level: int | None = None  # encoder level matched on; None: 1/4 scale (global, prior), coarsest (masa)
     confidence: bool = False  # fusion also reads the matches' agreement (fixed image features) as a channel
+    gate: tuple[float, float] | None = None  # (lo, hi): each fusion's branch is weighted per position by the
+    #   matches' agreement ramped from 0 at lo to 1 at hi (DynamicAggregation.prepare); where it is shut the
+    #   model is the plain backbone. None: no gate. Off: on the demo ladder (0.4, 0.6) costs content views
+    #   about 0.5 dB and gains unrelated guidance 0.07 (BENCHMARKS.md)
     alpha_init: float = 0.0  # α of eq. 4 (per channel); 0 leaves a (pretrained) backbone unchanged
     checkpoint_fusion: bool = False  # training: recompute fusion blocks in backward instead of storing
     chunk_elements: int = 1 << 24  # masa: bound on the elements of one similarity chunk (64 MiB in fp32)
@@ -65,5 +69,7 @@ class AggregationConfig:
             raise ValueError(f"dilations must be positive integers, not {self.dilations}")
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"scales must be positive numbers, not {self.scales}")
+        if self.gate is not None and not (len(self.gate) == 2 and -1.0 <= self.gate[0] < self.gate[1] <= 1.0):
+            raise ValueError(f"gate must be (lo, hi) with -1 ≤ lo < hi ≤ 1 (agreement is a cosine), not {self.gate}")
         if self.coarse_cells < 8:
             raise ValueError(f"coarse_cells must be at least 8, not {self.coarse_cells}")

@@ -73,10 +73,22 @@ class Fusion(nn.Module):
     def _branch(self, x, guide):
         return self.block(self.reduce(torch.cat([x, guide], 1)))
 
-    def forward(self, x, guide):
+    def forward(self, x, guide, gate: torch.Tensor | None = None):
+        """``gate``: (B,1,h,w) in [0,1] weighting the branch per position (None: 1 everywhere)."""
         if self.recompute and self.training and torch.is_grad_enabled():
-            return x + self.alpha * checkpoint(self._branch, x, guide, use_reentrant=False)
-        return x + self.alpha * self._branch(x, guide)
+            branch = checkpoint(self._branch, x, guide, use_reentrant=False)
+        else:
+            branch = self._branch(x, guide)
+        return x + self.alpha * (branch if gate is None else gate * branch)
+
+
+class Aligned(list):
+    """What :meth:`DynamicAggregation.prepare` returns: per level the aligned guidance features (None where
+    no fusion point needs the level), and in ``gates`` per level the fusions' gate (B,1,h,w) or None."""
+
+    def __init__(self, features, gates=None):
+        super().__init__(features)
+        self.gates = list(gates) if gates is not None else [None] * len(self)
 
 
 class DynamicAggregation(nn.Module):
@@ -118,7 +130,7 @@ class DynamicAggregation(nn.Module):
         return -(-(self.config.radius + 1) * 2 ** self.match_level // mult) * mult
 
     def prepare(self, x: torch.Tensor, guidance: torch.Tensor, input_hw: tuple[int, int],
-                box: torch.Tensor | None = None, context: Context | None = None) -> list[torch.Tensor | None]:
+                box: torch.Tensor | None = None, context: Context | None = None) -> "Aligned":
         """Aligned guidance features per level for the padded input ``x``.
 
         x: (B,3,Hp,Wp) in [0,1], padded at the bottom/right to a multiple of 2^levels; ``input_hw`` its
@@ -126,8 +138,9 @@ class DynamicAggregation(nn.Module):
         width) in input pixels that the guidance is about (its scale; for the prior search its place);
         default from ``config.layout`` (input = frame). context: the degraded frame around the input (a
         training crop's), seen by the global search's coarse stage (:class:`Context`); None: the input only.
-        Returns [(B, nf·2^l, Hp/2^l, Wp/2^l) or None where no fusion point needs level l]; with
-        ``config.confidence`` one more channel, the matches' agreement (:meth:`_agreement`).
+        Returns :class:`Aligned`: [(B, nf·2^l, Hp/2^l, Wp/2^l) or None where no fusion point needs level l];
+        with ``config.confidence`` one more channel, the matches' agreement (:meth:`_agreement`); with
+        ``config.gate`` per level the fusions' gate, that agreement ramped to [0, 1].
         """
         cfg, m = self.config, self.match_level
         search, transfer = SEARCHES[cfg.search], TRANSFERS[cfg.transfer]
@@ -177,7 +190,7 @@ class DynamicAggregation(nn.Module):
             inside = inside_box(box, (h, w), S)
             score = score * inside.to(score.dtype)
             valid = valid & inside
-        agree = self._agreement(x, g, mx, mg, q, valid) if cfg.confidence else None
+        agree = self._agreement(x, g, mx, mg, q, valid) if cfg.confidence or cfg.gate else None
         with torch.no_grad():
             g_yx = sample_coords(placed.coords, (p + flow) * S + (S - 1) / 2)
         self.last_matches = Matches(cell.expand(B, -1, -1, -1).float(), g_yx, score.detach(),
@@ -186,9 +199,15 @@ class DynamicAggregation(nn.Module):
         # 4. transfer on every level a fusion point needs (with the agreement as one more channel)
         needed = {self.point_levels[name] for name in self.fusions}
         out = [transfer.fn(fg[l], flow, score, m - l) if l in needed else None for l in range(self.levels + 1)]
-        if agree is not None:
+        if cfg.confidence:
             out = [f if f is None else torch.cat([f, _at_level(agree, m - l, f.shape[-2:])], 1) for l, f in enumerate(out)]
-        return out
+        gates = None
+        if cfg.gate:  # the branch fires where the matches agree with the input (TTSR weights its fused
+            #          texture by the match's relevance the same way); fixed image features: not learned
+            lo, hi = cfg.gate
+            gate = ((agree - lo) / (hi - lo)).clamp(0.0, 1.0)
+            gates = [None if f is None else _at_level(gate, m - l, f.shape[-2:]) for l, f in enumerate(out)]
+        return Aligned(out, gates)
 
     @torch.no_grad()
     def _agreement(self, x, g, mx, mg, q, valid) -> torch.Tensor:
@@ -209,4 +228,7 @@ class DynamicAggregation(nn.Module):
         fusion = self.fusions[name] if name in self.fusions else None
         if fusion is None:
             return feat
-        return fusion(feat, aligned[self.point_levels[name]].to(feat.dtype))
+        level = self.point_levels[name]
+        gates = getattr(aligned, "gates", None)
+        gate = gates[level] if gates is not None else None
+        return fusion(feat, aligned[level].to(feat.dtype), None if gate is None else gate.to(feat.dtype))

@@ -630,3 +630,59 @@ def test_the_frame_around_a_training_crop_finds_its_content_view():
             hits[with_frame], scored[with_frame] = hits[with_frame] + h, scored[with_frame] + n
     alone, framed = hits[False][0] / scored[False], hits[True][0] / scored[True]
     assert scored[True] > 300 and framed > 0.6 and framed > alone + 0.1, (alone, framed)
+
+
+def test_shut_gate_makes_the_guided_model_the_plain_one():
+    """gate: where the matches' agreement is below the gate's low end the fusion adds nothing, whatever α:
+    a gate no match reaches gives the plain backbone's output, and nothing guidance-side gets a gradient
+    (a run on unrelated guidance trains the backbone as an unguided run would)."""
+    torch.manual_seed(0)
+    guided = build_backbone("nafnet-test", guided=True,
+                            aggregation=AggregationConfig(gate=(0.999, 1.0), alpha_init=0.5)).train()
+    torch.manual_seed(0)
+    plain = build_backbone("nafnet-test", guided=False).train()
+    plain.load_state_dict(guided.backbone_state_dict())
+    x, g = texture(2, 48, 64), texture(2, 96, 96, seed=3)
+    out = guided(x, g)
+    assert torch.equal(out, plain(x))
+    out.abs().mean().backward()
+    for name, fusion in guided.agg.fusions.items():
+        assert fusion.alpha.grad is None or fusion.alpha.grad.abs().sum() == 0, name
+        assert all(p.grad is None or p.grad.abs().sum() == 0 for p in fusion.block.parameters()), name
+    open_gate = build_backbone("nafnet-test", guided=True,
+                               aggregation=AggregationConfig(gate=(-1.0, -0.999), alpha_init=0.5)).train()
+    open_gate.load_state_dict(guided.state_dict())
+    assert not torch.equal(open_gate(x, g), out)  # a gate every match passes leaves the fusion on
+
+
+def test_gate_opens_on_shared_content_and_stays_shut_on_unrelated():
+    """The default-style gate (agreement ramped 0.4 → 0.6) on a photograph: its content view opens the
+    fusion at most positions, a view of another photograph at few."""
+    from PIL import Image
+    from skimage import data
+
+    from tdr.guided.aggregation.modules import Aligned
+    from tdr.guided.synthetic import ViewRanges, content_view
+
+    clean = _photo(192, 256)
+    other = np.array(Image.fromarray(data.astronaut()).resize((256, 192), Image.Resampling.BICUBIC))
+    x = torch.from_numpy(clean.transpose(2, 0, 1)).float()[None] / 255
+    open_share = {}
+    for name, source in (("same", clean), ("other", other)):
+        guide, _ = content_view(source, np.random.default_rng(2), ViewRanges())
+        g = torch.from_numpy(guide.transpose(2, 0, 1)).float()[None] / 255
+        a = make_agg(levels=4, search="global", transfer="bilinear", gate=(0.4, 0.6))
+        with torch.no_grad():
+            out = a.prepare(x, g, (192, 256))
+        assert isinstance(out, Aligned) and len(out.gates) == len(out) == 5
+        for level, (f, gate) in enumerate(zip(out, out.gates)):
+            assert gate.shape == (1, 1, 192 // 2 ** level, 256 // 2 ** level)
+            assert gate.min() >= 0.0 and gate.max() <= 1.0
+        open_share[name] = float((out.gates[2] > 0.5).float().mean())
+    assert open_share["same"] > 0.6 and open_share["other"] < 0.3, open_share
+
+
+def test_gate_setting_is_checked():
+    for bad in ((0.6, 0.4), (0.5, 0.5), (-2.0, 0.5), (0.5,)):
+        with pytest.raises(ValueError, match="gate"):
+            AggregationConfig(gate=bad)
