@@ -551,21 +551,27 @@ def test_coarse_vote_whole_window_shortcut_agrees():
     assert (fast[1][1, :, :3] == 1).all() and (fast[2][1, 0, :, :3] == 2).all() and (fast[2][1, 1, :, :3] == 1).all()
 
 
-def test_agreement_channel_tells_shared_content_from_unrelated():
-    """confidence=True: every transferred level carries one more channel, the matches' agreement in
-    [-1, 1]; a content view of the input agrees more than a view of another photograph."""
+def _photo_and_views(h, w):
+    """A photograph as input (1,3,h,w) and two 512² guidance tensors: its own content view ("same") and a
+    content view of another photograph ("other")."""
     from PIL import Image
     from skimage import data
 
     from tdr.guided.synthetic import ViewRanges, content_view
 
-    clean = _photo(192, 256)
-    other = np.array(Image.fromarray(data.astronaut()).resize((256, 192), Image.Resampling.BICUBIC))
-    x = torch.from_numpy(clean.transpose(2, 0, 1)).float()[None] / 255
+    clean = _photo(h, w)
+    other = np.array(Image.fromarray(data.astronaut()).resize((w, h), Image.Resampling.BICUBIC))
+    chw = lambda img: torch.from_numpy(img.transpose(2, 0, 1)).float()[None] / 255  # noqa: E731
+    return chw(clean), {name: chw(content_view(source, np.random.default_rng(2), ViewRanges())[0])
+                        for name, source in (("same", clean), ("other", other))}
+
+
+def test_agreement_channel_tells_shared_content_from_unrelated():
+    """confidence=True: every transferred level carries one more channel, the matches' agreement in
+    [-1, 1]; a content view of the input agrees more than a view of another photograph."""
+    x, guides = _photo_and_views(192, 256)
     means = {}
-    for name, source in (("same", clean), ("other", other)):
-        guide, _ = content_view(source, np.random.default_rng(2), ViewRanges())
-        g = torch.from_numpy(guide.transpose(2, 0, 1)).float()[None] / 255
+    for name, g in guides.items():
         a = make_agg(levels=4, search="global", transfer="bilinear", confidence=True)
         with torch.no_grad():
             out = a.prepare(x, g, (192, 256))
@@ -658,19 +664,11 @@ def test_shut_gate_makes_the_guided_model_the_plain_one():
 def test_gate_opens_on_shared_content_and_stays_shut_on_unrelated():
     """The default-style gate (agreement ramped 0.4 → 0.6) on a photograph: its content view opens the
     fusion at most positions, a view of another photograph at few."""
-    from PIL import Image
-    from skimage import data
-
     from tdr.guided.aggregation.modules import Aligned
-    from tdr.guided.synthetic import ViewRanges, content_view
 
-    clean = _photo(192, 256)
-    other = np.array(Image.fromarray(data.astronaut()).resize((256, 192), Image.Resampling.BICUBIC))
-    x = torch.from_numpy(clean.transpose(2, 0, 1)).float()[None] / 255
+    x, guides = _photo_and_views(192, 256)
     open_share = {}
-    for name, source in (("same", clean), ("other", other)):
-        guide, _ = content_view(source, np.random.default_rng(2), ViewRanges())
-        g = torch.from_numpy(guide.transpose(2, 0, 1)).float()[None] / 255
+    for name, g in guides.items():
         a = make_agg(levels=4, search="global", transfer="bilinear", gate=(0.4, 0.6))
         with torch.no_grad():
             out = a.prepare(x, g, (192, 256))
