@@ -143,13 +143,13 @@ def coarse_vote(fx, fg, ok_x, ok_g, vote: int, budget: int = 1 << 22):
     version at once.
     fx (B,C,h,w), fg (B,V,C,hg,wg), ok_x (1,1,h,w) bool, ok_g (B,V,1,hg,wg) bool → best score (B,h,w),
     version (B,h,w) long, displacement (B,2,h,w) long (in cells)."""
+    if max(fx.shape[-2:]) <= vote:
+        return whole_template(fx, fg, ok_x, ok_g)
     B, V, C, hg, wg = fg.shape
     h, w = fx.shape[-2:]
     Ph, Pw = h - 1, w - 1
     Wp = wg + 2 * Pw
     Dx = wg + w - 1
-    if max(h, w) <= vote:
-        return whole_template(fx, fg, ok_x, ok_g)
     # G padded so that every displacement row is a window of h rows: (B,V,rows,C,Wp,h) views; G's inverse
     # patch norms are zero outside G_v, X's outside X's frame, so such terms drop out of every sum
     fgp = F.pad(fg, (Pw, Pw, Ph, Ph)).permute(0, 1, 3, 2, 4).unfold(2, h, 1)
