@@ -51,6 +51,9 @@ class AggregationConfig:
     #   matches' agreement ramped from 0 at lo to 1 at hi (DynamicAggregation.prepare); where it is shut the
     #   model is the plain backbone. None: no gate. Off: on the demo ladder (0.4, 0.6) costs content views
     #   about 0.5 dB and gains unrelated guidance 0.07 (BENCHMARKS.md)
+    drop: float = 0.0  # training: each sample's fusion branches are all switched off with this probability
+    #   (guidance dropout), so the backbone keeps working without them; 0: never. Off: on the demo ladder
+    #   0.3 costs content views about 0.3 dB for 0.06–0.4 on unrelated guidance (BENCHMARKS.md)
     alpha_init: float = 0.0  # α of eq. 4 (per channel); 0 leaves a (pretrained) backbone unchanged
     checkpoint_fusion: bool = False  # training: recompute fusion blocks in backward instead of storing
     chunk_elements: int = 1 << 24  # masa: bound on the elements of one similarity chunk (64 MiB in fp32)
@@ -71,5 +74,7 @@ class AggregationConfig:
             raise ValueError(f"scales must be positive numbers, not {self.scales}")
         if self.gate is not None and not (len(self.gate) == 2 and -1.0 <= self.gate[0] < self.gate[1] <= 1.0):
             raise ValueError(f"gate must be (lo, hi) with -1 ≤ lo < hi ≤ 1 (agreement is a cosine), not {self.gate}")
+        if not 0.0 <= self.drop < 1.0:
+            raise ValueError(f"drop must be a probability in [0, 1), not {self.drop}")
         if self.coarse_cells < 8:
             raise ValueError(f"coarse_cells must be at least 8, not {self.coarse_cells}")

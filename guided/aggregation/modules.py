@@ -207,6 +207,9 @@ class DynamicAggregation(nn.Module):
             lo, hi = cfg.gate
             gate = ((agree - lo) / (hi - lo)).clamp(0.0, 1.0)
             gates = [None if f is None else _at_level(gate, m - l, f.shape[-2:]) for l, f in enumerate(out)]
+        if cfg.drop and self.training:  # guidance dropout: a sample's branches all off together
+            keep = (torch.rand(B, 1, 1, 1, device=x.device) >= cfg.drop).to(x.dtype)
+            gates = [None if f is None else keep if gates is None else gates[l] * keep for l, f in enumerate(out)]
         return Aligned(out, gates)
 
     @torch.no_grad()

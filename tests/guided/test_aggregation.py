@@ -684,3 +684,27 @@ def test_gate_setting_is_checked():
     for bad in ((0.6, 0.4), (0.5, 0.5), (-2.0, 0.5), (0.5,)):
         with pytest.raises(ValueError, match="gate"):
             AggregationConfig(gate=bad)
+
+
+def test_guidance_dropout_switches_whole_samples_off_in_training_only():
+    """drop: in training each sample's fusion branches are off together with probability ``drop`` (that
+    sample's output is the plain backbone's), the others fused as usual; in evaluation never."""
+    torch.manual_seed(0)
+    guided = build_backbone("nafnet-test", guided=True,
+                            aggregation=AggregationConfig(drop=0.5, alpha_init=0.5)).train()
+    torch.manual_seed(0)
+    plain = build_backbone("nafnet-test", guided=False).train()
+    plain.load_state_dict(guided.backbone_state_dict())
+    x, g = texture(8, 48, 64), texture(8, 96, 96, seed=3)
+    torch.manual_seed(1)
+    out = guided(x, g)
+    off = [torch.allclose(out[i], plain(x[i:i + 1])[0], atol=1e-6) for i in range(8)]
+    assert 0 < sum(off) < 8, off  # some samples dropped, some fused
+    guided.eval()
+    plain.eval()
+    with torch.no_grad():
+        fused = guided(x, g)
+        assert not any(torch.allclose(fused[i], plain(x[i:i + 1])[0], atol=1e-6) for i in range(8))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="drop"):
+            AggregationConfig(drop=bad)
