@@ -84,7 +84,8 @@ class Fusion(nn.Module):
 
 class Aligned(list):
     """What :meth:`DynamicAggregation.prepare` returns: per level the aligned guidance features (None where
-    no fusion point needs the level), and in ``gates`` per level the fusions' gate (B,1,h,w) or None."""
+    no fusion point needs the level), and in ``gates`` per level the fusions' gate (B,1,h,w) — (B,1,1,1)
+    for guidance dropout alone — or None."""
 
     def __init__(self, features, gates=None):
         super().__init__(features)
@@ -140,7 +141,8 @@ class DynamicAggregation(nn.Module):
         training crop's), seen by the global search's coarse stage (:class:`Context`); None: the input only.
         Returns :class:`Aligned`: [(B, nf·2^l, Hp/2^l, Wp/2^l) or None where no fusion point needs level l];
         with ``config.confidence`` one more channel, the matches' agreement (:meth:`_agreement`); with
-        ``config.gate`` per level the fusions' gate, that agreement ramped to [0, 1].
+        ``config.gate`` per level the fusions' gate, that agreement ramped to [0, 1]; in training with
+        ``config.drop`` each sample's gates zeroed together with that probability.
         """
         cfg, m = self.config, self.match_level
         search, transfer = SEARCHES[cfg.search], TRANSFERS[cfg.transfer]
