@@ -51,6 +51,9 @@ class AggregationConfig:
     #   matches' agreement ramped from 0 at lo to 1 at hi (DynamicAggregation.prepare); where it is shut the
     #   model is the plain backbone. None: no gate. Off: on the demo ladder (0.4, 0.6) costs content views
     #   about 0.5 dB and gains unrelated guidance 0.07 (BENCHMARKS.md)
+    mutual: tuple[float, float] | None = None  # (lo, hi): each match's transferred features are weighted by
+    #   how mutual it is (features.cycle_gap: 1 where no X patch matches its G patch better than lo, 0 from
+    #   hi), so content G does not share transfers nothing. None: every match transfers
     drop: float = 0.0  # training: each sample's fusion branches are all switched off with this probability
     #   (guidance dropout), so the backbone keeps working without them; 0: never. Off: on the demo ladder
     #   0.3 costs content views about 0.3 dB for 0.06–0.4 on unrelated guidance (BENCHMARKS.md)
@@ -74,6 +77,8 @@ class AggregationConfig:
             raise ValueError(f"scales must be positive numbers, not {self.scales}")
         if self.gate is not None and not (len(self.gate) == 2 and -1.0 <= self.gate[0] < self.gate[1] <= 1.0):
             raise ValueError(f"gate must be (lo, hi) with -1 ≤ lo < hi ≤ 1 (agreement is a cosine), not {self.gate}")
+        if self.mutual is not None and not (len(self.mutual) == 2 and 0.0 <= self.mutual[0] < self.mutual[1] <= 2.0):
+            raise ValueError(f"mutual must be (lo, hi) with 0 ≤ lo < hi ≤ 2 (a gap between cosines), not {self.mutual}")
         if not 0.0 <= self.drop < 1.0:
             raise ValueError(f"drop must be a probability in [0, 1), not {self.drop}")
         if self.coarse_cells < 8:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import FUSE_MODES, AggregationConfig
-from .features import box_sum, image_features, patch_cosine, subcell
+from .features import box_sum, cycle_gap, image_features, patch_cosine, subcell
 from .geometry import Context, Matches, crop, grid, guidance_box, inside_box, sample_coords
 from .search import SEARCHES
 from .transfer import TRANSFERS
@@ -192,6 +192,11 @@ class DynamicAggregation(nn.Module):
             inside = inside_box(box, (h, w), S)
             score = score * inside.to(score.dtype)
             valid = valid & inside
+        if cfg.mutual:  # content G does not share (no mutual match) transfers nothing
+            lo, hi = cfg.mutual
+            with torch.no_grad():
+                gap = cycle_gap(mx, mg, q, valid)
+            score = score * ((hi - gap) / (hi - lo)).clamp(0.0, 1.0).to(score.dtype)
         agree = self._agreement(x, g, mx, mg, q, valid) if cfg.confidence or cfg.gate else None
         with torch.no_grad():
             g_yx = sample_coords(placed.coords, (p + flow) * S + (S - 1) / 2)

@@ -708,3 +708,39 @@ def test_guidance_dropout_switches_whole_samples_off_in_training_only():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="drop"):
             AggregationConfig(drop=bad)
+
+
+def test_cycle_gap_is_zero_where_matches_are_mutual_and_skips_invalid_positions():
+    """cycle_gap: G = X matched to itself is mutual everywhere (gap 0); matched one cell off, G's patch
+    finds its own place in X and the gap is how much better it matches there; positions marked invalid
+    are never the better match."""
+    from tdr.guided.aggregation.features import cycle_gap
+
+    torch.manual_seed(0)
+    fx = torch.randn(2, 6, 12, 16)
+    p = grid(12, 16, "cpu").expand(2, -1, -1, -1)
+    ok = torch.ones(1, 1, 12, 16, dtype=torch.bool)
+    assert cycle_gap(fx, fx, p, ok, rows=7).abs().max() < 1e-5
+    off = p.clone()
+    off[:, 1] = (off[:, 1] + 1).clamp(max=15)
+    gap = cycle_gap(fx, fx, off, ok, rows=7)
+    assert gap[..., :-1].min() > 0.05  # each G patch matches X one cell right better than at p
+    only_here = torch.zeros(1, 1, 12, 16, dtype=torch.bool)
+    only_here[..., 5, 7] = True
+    assert cycle_gap(fx, fx, off, only_here)[..., 5, 7].abs().max() < 1e-6  # p the one valid position
+
+
+def test_mutual_matches_keep_shared_content_and_drop_unrelated():
+    """mutual: the transferred features are weighted by how mutual each match is — a content view of the
+    input keeps far more of them than a view of another photograph."""
+    x, guides = _photo_and_views(192, 256)
+    kept = {}
+    for name, g in guides.items():
+        with torch.no_grad():
+            plain = make_agg(levels=4, search="global", transfer="bilinear").prepare(x, g, (192, 256))
+            mutual = make_agg(levels=4, search="global", transfer="bilinear", mutual=(0.03, 0.1)).prepare(x, g, (192, 256))
+        kept[name] = float(mutual[2].abs().mean() / plain[2].abs().mean())
+    assert kept["same"] > 0.4 and kept["other"] < 0.15, kept
+    for bad in ((0.1, 0.03), (-0.1, 0.1), (0.1,)):
+        with pytest.raises(ValueError, match="mutual"):
+            AggregationConfig(mutual=bad)
