@@ -108,13 +108,14 @@ def subcell(fx: torch.Tensor, fg: torch.Tensor, q: torch.Tensor) -> torch.Tensor
 
 
 def cycle_gap(fx: torch.Tensor, fg: torch.Tensor, q: torch.Tensor, valid: torch.Tensor,
-              rows: int = 1024) -> torch.Tensor:
+              rows: int = 1024, window: int | None = None) -> torch.Tensor:
     """(B,1,h,w) ≥ 0: how much better than X's own patch at each position p some other X patch matches
     the G patch that p matched (``q``) — the 3×3-patch cosine of its best match among X's ``valid``
     (B or 1,1,h,w) positions minus that at p. 0: the match is mutual (G's patch points back to p), the
     classic check that a correspondence is real (Lowe's and NCNet's nearest neighbours, made soft so that
     repeated and flat content, where another X patch ties with p, is not refused). ``rows``: X positions
-    compared at once (memory: rows·h·w floats)."""
+    compared at once (memory: rows·h·w floats). ``window``: compare only the X positions within ±window
+    cells of p, so the chance that an unrelated match looks mutual does not depend on X's size."""
     B, C, h, w = fx.shape
     unit = lambda f: (lambda d: d / d.norm(dim=1, keepdim=True).clamp_min(1e-6))(
         F.unfold(F.pad(f, (1, 1, 1, 1)), 3))  # (B,9C,n) unit 3×3-patch descriptors
@@ -122,9 +123,19 @@ def cycle_gap(fx: torch.Tensor, fg: torch.Tensor, q: torch.Tensor, valid: torch.
     idx = (q[:, 0] * fg.shape[-1] + q[:, 1]).view(B, 1, h * w)
     gq = dg.gather(2, idx.expand(B, dg.shape[1], h * w))  # G's patch at each X position's match
     ok = valid.expand(B, 1, h, w).reshape(B, h * w)
+    own = (gq * dx).sum(1)
+    if window is not None:
+        r = window
+        gq4, ok4 = gq.view(B, -1, h, w), F.pad(ok.view(B, 1, h, w), (r, r, r, r))
+        dxp = F.pad(dx.view(B, -1, h, w), (r, r, r, r))
+        best = own.view(B, 1, h, w).clone()
+        for dy in range(2 * r + 1):
+            for dxx in range(2 * r + 1):
+                sim = (gq4 * dxp[..., dy:dy + h, dxx:dxx + w]).sum(1, keepdim=True)
+                best = torch.maximum(best, sim.masked_fill(~ok4[..., dy:dy + h, dxx:dxx + w], -2.0))
+        return (best - own.view(B, 1, h, w)).clamp_min(0.0)
     best = []
     for s in range(0, h * w, rows):
         sim = torch.einsum("bcp,bcn->bpn", gq[:, :, s:s + rows], dx)
         best.append(sim.masked_fill(~ok[:, None, :], -2.0).amax(2))
-    own = (gq * dx).sum(1)
     return (torch.cat(best, 1) - own).clamp_min(0.0).view(B, 1, h, w)

@@ -195,8 +195,8 @@ class DynamicAggregation(nn.Module):
         if cfg.mutual:  # content G does not share (no mutual match) transfers nothing
             lo, hi = cfg.mutual
             with torch.no_grad():
-                gap = cycle_gap(mx, mg, q, valid)
-            score = score * ((hi - gap) / (hi - lo)).clamp(0.0, 1.0).to(score.dtype)
+                mutual = ((hi - cycle_gap(mx, mg, q, valid)) / (hi - lo)).clamp(0.0, 1.0).to(score.dtype)
+            score = score * mutual
         agree = self._agreement(x, g, mx, mg, q, valid) if cfg.confidence or cfg.gate else None
         with torch.no_grad():
             g_yx = sample_coords(placed.coords, (p + flow) * S + (S - 1) / 2)
@@ -206,6 +206,16 @@ class DynamicAggregation(nn.Module):
         # 4. transfer on every level a fusion point needs (with the agreement as one more channel)
         needed = {self.point_levels[name] for name in self.fusions}
         out = [transfer.fn(fg[l], flow, score, m - l) if l in needed else None for l in range(self.levels + 1)]
+        if cfg.mutual and cfg.mutual_fill:  # where no match is mutual: G's mean features (its colour and
+            #   tone), as far as the sample's share of mutual matches (±mutual_window cells) says G shows its scene
+            lo, hi = cfg.mutual_fill
+            with torch.no_grad():
+                near = cycle_gap(mx, mg, q, valid, window=cfg.mutual_window) <= cfg.mutual[0]
+                ok = valid.expand_as(near)
+                share = (near & ok).sum((2, 3), keepdim=True) / ok.sum((2, 3), keepdim=True).clamp_min(1)
+                scene = ((share - lo) / (hi - lo)).clamp(0.0, 1.0).to(score.dtype)
+            out = [f if f is None else f + (1 - _at_level(mutual, m - l, f.shape[-2:])) * scene
+                   * fg[l].mean((2, 3), keepdim=True) for l, f in enumerate(out)]
         if cfg.confidence:
             out = [f if f is None else torch.cat([f, _at_level(agree, m - l, f.shape[-2:])], 1) for l, f in enumerate(out)]
         gates = None

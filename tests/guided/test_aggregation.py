@@ -744,3 +744,20 @@ def test_mutual_matches_keep_shared_content_and_drop_unrelated():
     for bad in ((0.1, 0.03), (-0.1, 0.1), (0.1,)):
         with pytest.raises(ValueError, match="mutual"):
             AggregationConfig(mutual=bad)
+
+
+def test_mutual_fill_gives_the_guidance_colour_only_where_it_shows_the_scene():
+    """mutual_fill: where matches are not mutual, G's mean features stand in, weighted by the sample's
+    share of mutual matches — a content view of the input gets them, a view of another photograph not."""
+    x, guides = _photo_and_views(192, 256)
+    added = {}
+    for name, g in guides.items():
+        with torch.no_grad():
+            local = make_agg(levels=4, search="global", transfer="bilinear", mutual=(0.03, 0.1)).prepare(x, g, (192, 256))
+            filled = make_agg(levels=4, search="global", transfer="bilinear", mutual=(0.03, 0.1),
+                              mutual_fill=(0.12, 0.24)).prepare(x, g, (192, 256))
+        added[name] = float((filled[2] - local[2]).abs().mean() / local[2].abs().mean())
+    assert added["same"] > 0.1 and added["other"] == 0.0, added
+    for bad in dict(mutual_fill=(0.3, 0.2)), dict(mutual_fill=(0.1, 0.2), mutual=None), dict(mutual_window=0):
+        with pytest.raises(ValueError, match="mutual"):
+            AggregationConfig(**{"mutual": (0.03, 0.1), **bad})
