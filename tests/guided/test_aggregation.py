@@ -712,8 +712,8 @@ def test_guidance_dropout_switches_whole_samples_off_in_training_only():
 
 def test_cycle_gap_is_zero_where_matches_are_mutual_and_skips_invalid_positions():
     """cycle_gap: G = X matched to itself is mutual everywhere (gap 0); matched one cell off, G's patch
-    finds its own place in X and the gap is how much better it matches there; positions marked invalid
-    are never the better match."""
+    finds its own place in X and the gap is how much better it matches there (the same searched back
+    within a window that holds that place); positions marked invalid are never the better match."""
     from tdr.guided.aggregation.features import cycle_gap
 
     torch.manual_seed(0)
@@ -725,6 +725,8 @@ def test_cycle_gap_is_zero_where_matches_are_mutual_and_skips_invalid_positions(
     off[:, 1] = (off[:, 1] + 1).clamp(max=15)
     gap = cycle_gap(fx, fx, off, ok, rows=7)
     assert gap[..., :-1].min() > 0.05  # each G patch matches X one cell right better than at p
+    assert torch.allclose(cycle_gap(fx, fx, off, ok, window=1), gap, atol=1e-5)  # its place lies within 1 cell
+    assert cycle_gap(fx, fx, p, ok, window=3).abs().max() < 1e-5
     only_here = torch.zeros(1, 1, 12, 16, dtype=torch.bool)
     only_here[..., 5, 7] = True
     assert cycle_gap(fx, fx, off, only_here)[..., 5, 7].abs().max() < 1e-6  # p the one valid position
