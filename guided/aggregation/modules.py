@@ -142,7 +142,9 @@ class DynamicAggregation(nn.Module):
         Returns :class:`Aligned`: [(B, nf·2^l, Hp/2^l, Wp/2^l) or None where no fusion point needs level l];
         with ``config.confidence`` one more channel, the matches' agreement (:meth:`_agreement`); with
         ``config.gate`` per level the fusions' gate, that agreement ramped to [0, 1]; in training with
-        ``config.drop`` each sample's gates zeroed together with that probability.
+        ``config.drop`` each sample's gates zeroed together with that probability. With ``config.mutual``
+        each match transfers as far as it is mutual (:func:`~.features.cycle_gap`); with
+        ``config.mutual_fill`` G's mean features fill in for the rest, as far as G shows the sample's scene.
         """
         cfg, m = self.config, self.match_level
         search, transfer = SEARCHES[cfg.search], TRANSFERS[cfg.transfer]
