@@ -196,7 +196,7 @@ class DynamicAggregation(nn.Module):
             valid = valid & inside
         if cfg.mutual:  # content G does not share (no mutual match) transfers nothing
             lo, hi = cfg.mutual
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # float32, as the matching
                 mutual = ((hi - cycle_gap(mx, mg, q, valid)) / (hi - lo)).clamp(0.0, 1.0).to(score.dtype)
             score = score * mutual
         agree = self._agreement(x, g, mx, mg, q, valid) if cfg.confidence or cfg.gate else None
@@ -211,7 +211,7 @@ class DynamicAggregation(nn.Module):
         if cfg.mutual and cfg.mutual_fill:  # where no match is mutual: G's mean features (its colour and
             #   tone), as far as the sample's share of mutual matches (±mutual_window cells) says G shows its scene
             lo, hi = cfg.mutual_fill
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 near = cycle_gap(mx, mg, q, valid, window=cfg.mutual_window) <= cfg.mutual[0]
                 ok = valid.expand_as(near)
                 share = (near & ok).sum((2, 3), keepdim=True) / ok.sum((2, 3), keepdim=True).clamp_min(1)
