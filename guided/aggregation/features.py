@@ -117,8 +117,10 @@ def cycle_gap(fx: torch.Tensor, fg: torch.Tensor, q: torch.Tensor, valid: torch.
     compared at once (memory: rows·h·w floats). ``window``: compare only the X positions within ±window
     cells of p, so the chance that an unrelated match looks mutual does not depend on X's size."""
     B, C, h, w = fx.shape
-    unit = lambda f: (lambda d: d / d.norm(dim=1, keepdim=True).clamp_min(1e-6))(
-        F.unfold(F.pad(f, (1, 1, 1, 1)), 3))  # (B,9C,n) unit 3×3-patch descriptors
+    def unit(f):  # (B,C,h,w) → (B,9C,h·w): unit-length 3×3-patch descriptors (zeros outside)
+        d = F.unfold(F.pad(f, (1, 1, 1, 1)), 3)
+        return d / d.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
     dx, dg = unit(fx), unit(fg)
     idx = (q[:, 0] * fg.shape[-1] + q[:, 1]).view(B, 1, h * w)
     gq = dg.gather(2, idx.expand(B, dg.shape[1], h * w))  # G's patch at each X position's match
