@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from tdr.cache import open_store
+from tdr.errors import TdrError
 from tdr.guided.evaluate import GuidanceSource, load_run, metric_convention, restore, to_tensor
 
 
@@ -54,6 +55,13 @@ ALTERATIONS = {
 
 
 def main() -> None:
+    try:
+        probe()
+    except TdrError as exc:  # a bad run, store, split or group: one line, exit 1
+        raise SystemExit(f"error: {exc}") from None
+
+
+def probe() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, help="a tdr training checkpoint trained on a cache group")
     ap.add_argument("--store", required=True)
