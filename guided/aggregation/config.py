@@ -59,6 +59,9 @@ class AggregationConfig:
     #   by the sample's share of mutual matches (searched back within ±mutual_window cells) ramped lo → hi.
     #   Off: on the demo ladder (four seeds) mutual (0.03, 0.1) with fill (0.12, 0.24) cuts unrelated
     #   guidance's cost from −0.45 to −0.10 dB and takes 0.23 dB from content views (BENCHMARKS.md)
+    mutual_trust: tuple[float, float] | None = None  # with mutual, (lo, hi): a sample whose share of mutual
+    #   matches (as for mutual_fill) reaches hi transfers every match, as without mutual; below lo only its
+    #   mutual ones; ramped between. Guidance that shows the sample's scene is trusted whole
     mutual_window: int = 8
     drop: float = 0.0  # training: each sample's fusion branches are all switched off with this probability
     #   (guidance dropout), so the backbone keeps working without them; 0: never. Off: on the demo ladder
@@ -89,6 +92,10 @@ class AggregationConfig:
                                                  and -1.0 <= self.mutual_fill[0] < self.mutual_fill[1] <= 1.0):
             raise ValueError(f"mutual_fill must be (lo, hi) with -1 ≤ lo < hi ≤ 1 (a share of the matches), and "
                              f"needs mutual; not {self.mutual_fill} with mutual {self.mutual}")
+        if self.mutual_trust is not None and not (self.mutual and len(self.mutual_trust) == 2
+                                                  and -1.0 <= self.mutual_trust[0] < self.mutual_trust[1] <= 1.0):
+            raise ValueError(f"mutual_trust must be (lo, hi) with -1 ≤ lo < hi ≤ 1 (a share of the matches), and "
+                             f"needs mutual; not {self.mutual_trust} with mutual {self.mutual}")
         if self.mutual_window < 1:
             raise ValueError(f"mutual_window must be at least 1 cell, not {self.mutual_window}")
         if not 0.0 <= self.drop < 1.0:

@@ -25,6 +25,12 @@ def _at_level(t: torch.Tensor, up: int, size) -> torch.Tensor:
     return F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False) if up else t
 
 
+def _ramp(t: torch.Tensor, lo_hi: tuple[float, float]) -> torch.Tensor:
+    """0 at or below lo, 1 at or above hi, linear between."""
+    lo, hi = lo_hi
+    return ((t - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
 class ResidualBlock(nn.Module):
     """conv3×3 → LeakyReLU → conv3×3, plus the input."""
 
@@ -197,7 +203,11 @@ class DynamicAggregation(nn.Module):
         if cfg.mutual:  # content G does not share (no mutual match) transfers nothing
             lo, hi = cfg.mutual
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # float32, as the matching
-                mutual = ((hi - cycle_gap(mx, mg, q, valid)) / (hi - lo)).clamp(0.0, 1.0).to(score.dtype)
+                mutual = ((hi - cycle_gap(mx, mg, q, valid)) / (hi - lo)).clamp(0.0, 1.0)
+                share = self._share(mx, mg, q, valid) if cfg.mutual_fill or cfg.mutual_trust else None
+                if cfg.mutual_trust:  # guidance that shows the sample's scene: every match transfers
+                    mutual = mutual + (1 - mutual) * _ramp(share, cfg.mutual_trust)
+                mutual = mutual.to(score.dtype)
             score = score * mutual
         agree = self._agreement(x, g, mx, mg, q, valid) if cfg.confidence or cfg.gate else None
         with torch.no_grad():
@@ -209,13 +219,8 @@ class DynamicAggregation(nn.Module):
         needed = {self.point_levels[name] for name in self.fusions}
         out = [transfer.fn(fg[l], flow, score, m - l) if l in needed else None for l in range(self.levels + 1)]
         if cfg.mutual and cfg.mutual_fill:  # where no match is mutual: G's mean features (its colour and
-            #   tone), as far as the sample's share of mutual matches (±mutual_window cells) says G shows its scene
-            lo, hi = cfg.mutual_fill
-            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                near = cycle_gap(mx, mg, q, valid, window=cfg.mutual_window) <= cfg.mutual[0]
-                ok = valid.expand_as(near)
-                share = (near & ok).sum((2, 3), keepdim=True) / ok.sum((2, 3), keepdim=True).clamp_min(1)
-                scene = ((share - lo) / (hi - lo)).clamp(0.0, 1.0).to(score.dtype)
+            #   tone), as far as the sample's share of mutual matches says G shows its scene
+            scene = _ramp(share, cfg.mutual_fill).to(score.dtype)
             out = [f if f is None else f + (1 - _at_level(mutual, m - l, f.shape[-2:])) * scene
                    * fg[l].mean((2, 3), keepdim=True) for l, f in enumerate(out)]
         if cfg.confidence:
@@ -230,6 +235,14 @@ class DynamicAggregation(nn.Module):
             keep = (torch.rand(B, 1, 1, 1, device=x.device) >= cfg.drop).to(x.dtype)
             gates = [None if f is None else keep if gates is None else gates[l] * keep for l, f in enumerate(out)]
         return Aligned(out, gates)
+
+    @torch.no_grad()
+    def _share(self, mx, mg, q, valid) -> torch.Tensor:
+        """(B,1,1,1): each sample's share of valid positions whose match is mutual within ±mutual_window
+        cells (:func:`~.features.cycle_gap` ≤ mutual's lo) — how far G shows the sample's scene."""
+        near = cycle_gap(mx, mg, q, valid, window=self.config.mutual_window) <= self.config.mutual[0]
+        ok = valid.expand_as(near)
+        return (near & ok).sum((2, 3), keepdim=True) / ok.sum((2, 3), keepdim=True).clamp_min(1)
 
     @torch.no_grad()
     def _agreement(self, x, g, mx, mg, q, valid) -> torch.Tensor:

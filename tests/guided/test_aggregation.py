@@ -763,3 +763,25 @@ def test_mutual_fill_gives_the_guidance_colour_only_where_it_shows_the_scene():
     for bad in dict(mutual_fill=(0.3, 0.2)), dict(mutual_fill=(0.1, 0.2), mutual=None), dict(mutual_window=0):
         with pytest.raises(ValueError, match="mutual"):
             AggregationConfig(**{"mutual": (0.03, 0.1), **bad})
+
+
+def test_mutual_trust_transfers_every_match_only_where_the_guidance_shows_the_scene():
+    """mutual_trust: a sample whose share of mutual matches reaches the ramp's top transfers every match,
+    as without the mutual test — a content view of the input does; a view of another photograph keeps
+    only its mutual matches."""
+    x, guides = _photo_and_views(192, 256)
+    out = {}
+    for name, g in guides.items():
+        with torch.no_grad():
+            out[name] = [make_agg(levels=4, search="global", transfer="bilinear", **kw).prepare(x, g, (192, 256))[2]
+                         for kw in (dict(), dict(mutual=(0.03, 0.1)),
+                                    dict(mutual=(0.03, 0.1), mutual_trust=(0.12, 0.24)))]
+    plain, strict, trusted = out["same"]
+    assert not torch.allclose(strict, plain, atol=1e-4)
+    assert torch.allclose(trusted, plain, atol=1e-5)  # its scene: every match, as without mutual
+    plain, strict, trusted = out["other"]
+    assert torch.allclose(trusted, strict, atol=1e-5)  # another scene: only its mutual matches
+    assert not torch.allclose(trusted, plain, atol=1e-4)
+    for bad in dict(mutual_trust=(0.3, 0.2)), dict(mutual_trust=(0.1, 0.2), mutual=None):
+        with pytest.raises(ValueError, match="mutual_trust"):
+            AggregationConfig(**{"mutual": (0.03, 0.1), **bad})
