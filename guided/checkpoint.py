@@ -1,4 +1,4 @@
-"""tdr run checkpoints: ``{"schema": 3, "config", "step", "model", "optimizer", "scheduler", "rng", "ema"}``.
+"""tdr run checkpoints: ``{"schema": 4, "config", "step", "model", "optimizer", "scheduler", "rng", "ema"}``.
 
 Schemas of the saved config (:data:`RUN_CONFIG` brings an older one to today's, step by step):
 
@@ -7,7 +7,9 @@ Schemas of the saved config (:data:`RUN_CONFIG` brings an older one to today's, 
 2. search "global" is the content search, "masa" the paper's; the aggregation settings flat in the run
    config (``fuse``, ``search``, ``match``, ``transfer``);
 3. the aggregation settings nested as ``aggregation`` (an :class:`AggregationConfig`, ``match`` named
-   ``match_features``), ``auto_search`` beside them.
+   ``match_features``), ``auto_search`` beside them;
+4. the mutual test on by default (``aggregation.mutual``, ``mutual_trust``; ``[]`` for off): runs of
+   earlier schemas were trained without it, or with exactly the parts they saved.
 
 Files are written and read by :mod:`tdr.runs.checkpoint` (atomic, ``weights_only``).
 """
@@ -20,7 +22,7 @@ from typing import Any, Mapping
 from ..errors import TdrError
 from ..runs.checkpoint import Migrations, load
 
-SCHEMA = 3
+SCHEMA = 4
 RUN_CONFIG = Migrations("tdr run checkpoint", current=SCHEMA)
 
 
@@ -38,6 +40,15 @@ def _aggregation_nested(cfg: dict[str, Any]) -> dict[str, Any]:
     out["aggregation"] = {new: cfg[old] for old, new in flat.items() if old in cfg}
     out["auto_search"] = False  # a saved search is the one the run resolved and used
     return out
+
+
+@RUN_CONFIG.step(3)
+def _mutual_explicit(cfg: dict[str, Any]) -> dict[str, Any]:
+    agg = dict(cfg.get("aggregation") or {})
+    for key in ("mutual", "mutual_trust", "mutual_fill"):  # absent or null: the run ran without it
+        if agg.get(key) is None:
+            agg[key] = []
+    return {**cfg, "aggregation": agg}
 
 
 def is_run_checkpoint(ckpt: Mapping[str, Any]) -> bool:

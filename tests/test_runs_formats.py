@@ -40,6 +40,7 @@ def test_schema2_run_loads_with_its_aggregation_nested():
     assert cfg["aggregation"]["fuse"] == "enc+dec" and cfg["auto_search"] is False
     assert not {"search", "match", "transfer", "fuse"} & set(cfg)
     assert model.agg.config.search == "global" and model.agg.config.transfer == "bilinear"
+    assert model.agg.config.mutual == model.agg.config.mutual_fill == ()  # trained before the mutual test
 
 
 def test_schema1_run_loads_through_both_migrations():
@@ -134,6 +135,12 @@ def test_train_toml_layers_and_auto_search(tmp_path):
     toml.write_text('[train.aggregation]\nsearch = "nearest"\n')
     with pytest.raises(ConfigError, match="search must be one of"):
         train_config(config_file=toml)
+    toml.write_text('[train.aggregation]\nmutual_fill = [0.3, 0.2]\n')
+    with pytest.raises(ConfigError, match="mutual_fill must be"):
+        train_config(config_file=toml)
+    toml.write_text('[train.aggregation]\nmutual = []\n')
+    assert train_config(config_file=toml).aggregation.mutual == ()
+    assert train_config().aggregation.mutual == AggregationConfig().mutual != ()
 
 
 def test_textual_commands_take_a_config_file(tmp_path):

@@ -51,17 +51,19 @@ class AggregationConfig:
     #   matches' agreement ramped from 0 at lo to 1 at hi (DynamicAggregation.prepare); where it is shut the
     #   model is the plain backbone. None: no gate. Off: on the demo ladder (0.4, 0.6) costs content views
     #   about 0.5 dB and gains unrelated guidance 0.07 (BENCHMARKS.md)
-    mutual: tuple[float, float] | None = None  # (lo, hi): each match's transferred features are weighted by
-    #   how mutual it is (features.cycle_gap: 1 where no X patch matches its G patch better than lo, 0 from
-    #   hi), so content G does not share transfers nothing. None: every match transfers
-    mutual_fill: tuple[float, float] | None = None  # with mutual, (lo, hi): where a match is not mutual, G's
-    #   mean features over its frame (its global colour and tone) in place of what is not transferred, weighted
-    #   by the sample's share of mutual matches (searched back within ±mutual_window cells) ramped lo → hi.
-    #   Off: on the demo ladder (four seeds) mutual (0.03, 0.1) with fill (0.12, 0.24) cuts unrelated
-    #   guidance's cost from −0.45 to −0.10 dB and takes 0.23 dB from content views (BENCHMARKS.md)
-    mutual_trust: tuple[float, float] | None = None  # with mutual, (lo, hi): a sample whose share of mutual
-    #   matches (as for mutual_fill) reaches hi transfers every match, as without mutual; below lo only its
-    #   mutual ones; ramped between. Guidance that shows the sample's scene is trusted whole
+    # mutual test (global and masa searches; the prior search's place is declared): a match is real if G's
+    #   patch, searched for back in the input, finds the place it came from (features.cycle_gap). () for off
+    mutual: tuple[float, ...] = (0.03, 0.1)  # (lo, hi): each match's transferred features are weighted by how
+    #   mutual it is (1 where no X patch matches its G patch better than by lo, 0 from hi)
+    mutual_fill: tuple[float, ...] = (0.12, 0.24)  # with mutual, (lo, hi): where a match is not mutual, G's
+    #   mean features over its frame (its global colour and tone) stand in, weighted by the sample's share of
+    #   mutual matches (searched back within ±mutual_window cells) ramped lo → hi: guidance that shows the
+    #   sample's scene lends its colour, guidance that does not lends nothing. On the demo ladder with
+    #   mutual: unrelated guidance's cost −0.45 → −0.10 dB, content views +0.98 → +0.76 (seeds 0–3,
+    #   BENCHMARKS.md)
+    mutual_trust: tuple[float, ...] = ()  # with mutual, (lo, hi): a sample whose share of mutual matches
+    #   reaches hi transfers every match, as without the test; below lo only its mutual ones. Off: on the
+    #   demo ladder (seeds 0–2) it kept less of unrelated guidance's cost off than mutual_fill (BENCHMARKS.md)
     mutual_window: int = 8
     drop: float = 0.0  # training: each sample's fusion branches are all switched off with this probability
     #   (guidance dropout), so the backbone keeps working without them; 0: never. Off: on the demo ladder
@@ -86,16 +88,14 @@ class AggregationConfig:
             raise ValueError(f"scales must be positive numbers, not {self.scales}")
         if self.gate is not None and not (len(self.gate) == 2 and -1.0 <= self.gate[0] < self.gate[1] <= 1.0):
             raise ValueError(f"gate must be (lo, hi) with -1 ≤ lo < hi ≤ 1 (agreement is a cosine), not {self.gate}")
-        if self.mutual is not None and not (len(self.mutual) == 2 and 0.0 <= self.mutual[0] < self.mutual[1] <= 2.0):
-            raise ValueError(f"mutual must be (lo, hi) with 0 ≤ lo < hi ≤ 2 (a gap between cosines), not {self.mutual}")
-        if self.mutual_fill is not None and not (self.mutual and len(self.mutual_fill) == 2
-                                                 and -1.0 <= self.mutual_fill[0] < self.mutual_fill[1] <= 1.0):
-            raise ValueError(f"mutual_fill must be (lo, hi) with -1 ≤ lo < hi ≤ 1 (a share of the matches), and "
-                             f"needs mutual; not {self.mutual_fill} with mutual {self.mutual}")
-        if self.mutual_trust is not None and not (self.mutual and len(self.mutual_trust) == 2
-                                                  and -1.0 <= self.mutual_trust[0] < self.mutual_trust[1] <= 1.0):
-            raise ValueError(f"mutual_trust must be (lo, hi) with -1 ≤ lo < hi ≤ 1 (a share of the matches), and "
-                             f"needs mutual; not {self.mutual_trust} with mutual {self.mutual}")
+        if self.mutual and not (len(self.mutual) == 2 and 0.0 <= self.mutual[0] < self.mutual[1] <= 2.0):
+            raise ValueError(f"mutual must be (lo, hi) with 0 ≤ lo < hi ≤ 2 (a gap between cosines), or () for "
+                             f"off; not {self.mutual}")
+        for name in ("mutual_fill", "mutual_trust"):  # idle while mutual is off
+            ramp = getattr(self, name)
+            if ramp and not (len(ramp) == 2 and -1.0 <= ramp[0] < ramp[1] <= 1.0):
+                raise ValueError(f"{name} must be (lo, hi) with -1 ≤ lo < hi ≤ 1 (a share of the matches), or () "
+                                 f"for off; not {ramp}")
         if self.mutual_window < 1:
             raise ValueError(f"mutual_window must be at least 1 cell, not {self.mutual_window}")
         if not 0.0 <= self.drop < 1.0:

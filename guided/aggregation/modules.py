@@ -149,8 +149,10 @@ class DynamicAggregation(nn.Module):
         with ``config.confidence`` one more channel, the matches' agreement (:meth:`_agreement`); with
         ``config.gate`` per level the fusions' gate, that agreement ramped to [0, 1]; in training with
         ``config.drop`` each sample's gates zeroed together with that probability. With ``config.mutual``
-        each match transfers as far as it is mutual (:func:`~.features.cycle_gap`); with
-        ``config.mutual_fill`` G's mean features fill in for the rest, as far as G shows the sample's scene.
+        (not for the prior search, whose place is declared) each match transfers as far as it is mutual
+        (:func:`~.features.cycle_gap`), or as far as the sample's share of mutual matches says that G shows
+        its scene (``config.mutual_trust``); with ``config.mutual_fill`` G's mean features fill in for the
+        rest, as far as that share says.
         """
         cfg, m = self.config, self.match_level
         search, transfer = SEARCHES[cfg.search], TRANSFERS[cfg.transfer]
@@ -196,11 +198,12 @@ class DynamicAggregation(nn.Module):
 
         cell = p * S + (S - 1) / 2  # centre of each cell, input pixels
         valid = (cell[:, :1] < input_hw[0]) & (cell[:, 1:] < input_hw[1])
-        if cfg.search == "prior":  # the box is where the guidance lies: positions outside it get none
+        if search.known_place:  # the box is where the guidance lies: positions outside it get none
             inside = inside_box(box, (h, w), S)
             score = score * inside.to(score.dtype)
             valid = valid & inside
-        if cfg.mutual:  # content G does not share (no mutual match) transfers nothing
+        tested = bool(cfg.mutual) and not search.known_place
+        if tested:  # content G does not share (no mutual match) transfers nothing
             lo, hi = cfg.mutual
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # float32, as the matching
                 mutual = ((hi - cycle_gap(mx, mg, q, valid)) / (hi - lo)).clamp(0.0, 1.0)
@@ -218,7 +221,7 @@ class DynamicAggregation(nn.Module):
         # 4. transfer on every level a fusion point needs (with the agreement as one more channel)
         needed = {self.point_levels[name] for name in self.fusions}
         out = [transfer.fn(fg[l], flow, score, m - l) if l in needed else None for l in range(self.levels + 1)]
-        if cfg.mutual and cfg.mutual_fill:  # where no match is mutual: G's mean features (its colour and
+        if tested and cfg.mutual_fill:  # where no match is mutual: G's mean features (its colour and
             #   tone), as far as the sample's share of mutual matches says G shows its scene
             scene = _ramp(share, cfg.mutual_fill).to(score.dtype)
             out = [f if f is None else f + (1 - _at_level(mutual, m - l, f.shape[-2:])) * scene

@@ -404,10 +404,12 @@ class Search:
     place: Callable[..., Placed]
     match: Callable[..., torch.Tensor]
     own_frame: bool  # G matched in its own frame (masa) rather than placed in the input's (grown) frame
+    known_place: bool = False  # the box is where G's content lies (aligned guidance): positions outside it
+    #                            get none, and matches are not put to the mutual test
 
 
 SEARCHES: dict[str, Search] = {
     "global": Search(place_global, local_search, own_frame=False),
-    "prior": Search(place_box, local_search, own_frame=False),
+    "prior": Search(place_box, local_search, own_frame=False, known_place=True),
     "masa": Search(place_rescaled, masa_search, own_frame=True),
 }

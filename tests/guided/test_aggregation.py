@@ -455,14 +455,15 @@ def test_global_search_finds_a_content_view(mirror):
 
 def test_positions_outside_the_centre_square_draw_from_guidance():
     """"center" guidance is about the frame's centre square, but generated content can show anything in
-    it: positions left and right of the square are valid, get a score, and find their content."""
+    it: positions left and right of the square are valid, get a score, and find their content (the
+    matching itself: the mutual test, off here, weights matches and does not move them)."""
     from tdr.guided.synthetic import ViewRanges, content_view, match_hits
 
     clean = _photo(192, 384)  # the centre square is the middle half
     guide, A = content_view(clean, np.random.default_rng(1), ViewRanges(shift=(0.0, 0.0), scale=(0.7, 0.7), mirror=0.0))
     x = torch.from_numpy(clean.transpose(2, 0, 1)).float()[None] / 255
     g = torch.from_numpy(guide.transpose(2, 0, 1)).float()[None] / 255
-    a = make_agg(levels=4, search="global", transfer="bilinear")
+    a = make_agg(levels=4, search="global", transfer="bilinear", mutual=())
     with torch.no_grad():
         aligned = a.prepare(x, g, (192, 384))
     m = a.last_matches
@@ -739,8 +740,9 @@ def test_mutual_matches_keep_shared_content_and_drop_unrelated():
     kept = {}
     for name, g in guides.items():
         with torch.no_grad():
-            plain = make_agg(levels=4, search="global", transfer="bilinear").prepare(x, g, (192, 256))
-            mutual = make_agg(levels=4, search="global", transfer="bilinear", mutual=(0.03, 0.1)).prepare(x, g, (192, 256))
+            plain = make_agg(levels=4, search="global", transfer="bilinear", mutual=()).prepare(x, g, (192, 256))
+            mutual = make_agg(levels=4, search="global", transfer="bilinear", mutual=(0.03, 0.1),
+                              mutual_fill=()).prepare(x, g, (192, 256))
         kept[name] = float(mutual[2].abs().mean() / plain[2].abs().mean())
     assert kept["same"] > 0.4 and kept["other"] < 0.15, kept
     for bad in ((0.1, 0.03), (-0.1, 0.1), (0.1,)):
@@ -755,33 +757,39 @@ def test_mutual_fill_gives_the_guidance_colour_only_where_it_shows_the_scene():
     added = {}
     for name, g in guides.items():
         with torch.no_grad():
-            local = make_agg(levels=4, search="global", transfer="bilinear", mutual=(0.03, 0.1)).prepare(x, g, (192, 256))
-            filled = make_agg(levels=4, search="global", transfer="bilinear", mutual=(0.03, 0.1),
-                              mutual_fill=(0.12, 0.24)).prepare(x, g, (192, 256))
+            local = make_agg(levels=4, search="global", transfer="bilinear", mutual_fill=()).prepare(x, g, (192, 256))
+            filled = make_agg(levels=4, search="global", transfer="bilinear").prepare(x, g, (192, 256))  # defaults
         added[name] = float((filled[2] - local[2]).abs().mean() / local[2].abs().mean())
     assert added["same"] > 0.1 and added["other"] == 0.0, added
-    for bad in dict(mutual_fill=(0.3, 0.2)), dict(mutual_fill=(0.1, 0.2), mutual=None), dict(mutual_window=0):
+    for bad in dict(mutual_fill=(0.3, 0.2)), dict(mutual_fill=(0.1,)), dict(mutual_window=0):
         with pytest.raises(ValueError, match="mutual"):
-            AggregationConfig(**{"mutual": (0.03, 0.1), **bad})
+            AggregationConfig(**bad)
 
 
 def test_mutual_trust_transfers_every_match_only_where_the_guidance_shows_the_scene():
-    """mutual_trust: a sample whose share of mutual matches reaches the ramp's top transfers every match,
-    as without the mutual test — a content view of the input does; a view of another photograph keeps
-    only its mutual matches."""
+    """mutual_trust (with mutual, for the searches that do not know G's place): a sample
+    whose share of mutual matches reaches the ramp's top transfers every match, as without the mutual
+    test — a content view of the input does; a view of another photograph keeps only its mutual matches.
+    The prior search (aligned guidance: its place is declared) does not put its matches to the test."""
     x, guides = _photo_and_views(192, 256)
     out = {}
     for name, g in guides.items():
         with torch.no_grad():
             out[name] = [make_agg(levels=4, search="global", transfer="bilinear", **kw).prepare(x, g, (192, 256))[2]
-                         for kw in (dict(), dict(mutual=(0.03, 0.1)),
-                                    dict(mutual=(0.03, 0.1), mutual_trust=(0.12, 0.24)))]
+                         for kw in (dict(mutual=()), dict(mutual_fill=()),
+                                    dict(mutual_fill=(), mutual_trust=(0.12, 0.24)))]
     plain, strict, trusted = out["same"]
     assert not torch.allclose(strict, plain, atol=1e-4)
     assert torch.allclose(trusted, plain, atol=1e-5)  # its scene: every match, as without mutual
     plain, strict, trusted = out["other"]
     assert torch.allclose(trusted, strict, atol=1e-5)  # another scene: only its mutual matches
     assert not torch.allclose(trusted, plain, atol=1e-4)
-    for bad in dict(mutual_trust=(0.3, 0.2)), dict(mutual_trust=(0.1, 0.2), mutual=None):
-        with pytest.raises(ValueError, match="mutual_trust"):
-            AggregationConfig(**{"mutual": (0.03, 0.1), **bad})
+    g = guides["other"]
+    with torch.no_grad():
+        prior = [make_agg(levels=4, search="prior", transfer="bilinear", **kw).prepare(x, g, (192, 256))[2]
+                 for kw in (dict(mutual=()), dict())]
+    assert torch.equal(prior[0], prior[1])  # the defaults test nothing on the prior search
+    for bad in dict(mutual_trust=(0.3, 0.2)), dict(mutual_trust=(0.1,)), dict(mutual=(0.1,)):
+        with pytest.raises(ValueError, match="mutual"):
+            AggregationConfig(**bad)
+    AggregationConfig(mutual=())  # off: the default fill idle, not refused

@@ -22,6 +22,7 @@ from tdr.errors import TdrError
 from tdr.cache.ingest import ingest
 from tdr.cache.transfer import import_guidance
 from tdr.guided.backbones import build_backbone, load_backbone_checkpoint
+from tdr.guided.checkpoint import SCHEMA
 from tdr.runs.checkpoint import load as load_file
 from tdr.guided.config import ConfigError, TrainConfig
 from tdr.runs.config import from_dict, load_toml, section
@@ -52,7 +53,7 @@ def test_train_writes_run_and_learns(store, tmp_path):
     assert saved["backbone"] == "nafnet-test" and saved["guidance"] == "cache" and saved["group"]
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert {"schema", "config", "step", "model", "optimizer", "scheduler", "rng", "ema"} <= set(ckpt)
-    assert ckpt["schema"] == 3 and ckpt["step"] == 3
+    assert ckpt["schema"] == SCHEMA and ckpt["step"] == 3
     assert all(math.isfinite(v) for v in result.losses) and len(result.losses) == 3
     assert result.val and result.val[-1]["step"] == 3 and math.isfinite(result.val[-1]["psnr"])
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
