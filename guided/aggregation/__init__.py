@@ -8,7 +8,10 @@ CVPR 2024), §3.3 and eq. 4, after the matching of MASA-SR (Lu et al., CVPR 2021
    keeps content, not geometry); "prior" looks around the place the layout box gives (guidance whose
    geometry follows the input); "masa" is the paper's coarse-to-fine block search;
 2. a shared encoder (same weights for X and G) gives features per scale; matching compares fixed image
-   features (default) or the encoder's (paper), and scores each match by the encoder's cosine;
+   features (default) or the encoder's (paper), and scores each match by the encoder's cosine; where G's
+   place is unknown (global, masa) each match is also put to a mutual test (``features.cycle_gap``: does
+   G's patch, searched for back in X, find where it came from?) and weighted by it, G's colour standing
+   in where the sample's share of mutual matches says G shows its scene (``mutual``, ``mutual_fill``);
 3. transfer (``transfer.TRANSFERS``): G's features moved onto X's grid at every fused level, weighted by
    the score — sub-cell bilinear (default) or the paper's patches;
 4. fusion (eq. 4): ``F_x ← F_x + α·B([F_x, F̂_g])``, B a block native to the backbone, α = 0 at init;

@@ -204,9 +204,8 @@ class DynamicAggregation(nn.Module):
             valid = valid & inside
         tested = bool(cfg.mutual) and not search.known_place
         if tested:  # content G does not share (no mutual match) transfers nothing
-            lo, hi = cfg.mutual
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # float32, as the matching
-                mutual = ((hi - cycle_gap(mx, mg, q, valid)) / (hi - lo)).clamp(0.0, 1.0)
+                mutual = 1 - _ramp(cycle_gap(mx, mg, q, valid), cfg.mutual)
                 share = self._share(mx, mg, q, valid) if cfg.mutual_fill or cfg.mutual_trust else None
                 if cfg.mutual_trust:  # guidance that shows the sample's scene: every match transfers
                     mutual = mutual + (1 - mutual) * _ramp(share, cfg.mutual_trust)
@@ -231,8 +230,7 @@ class DynamicAggregation(nn.Module):
         gates = None
         if cfg.gate:  # the branch fires where the matches agree with the input (TTSR weights its fused
             #          texture by the match's relevance the same way); fixed image features: not learned
-            lo, hi = cfg.gate
-            gate = ((agree - lo) / (hi - lo)).clamp(0.0, 1.0)
+            gate = _ramp(agree, cfg.gate)
             gates = [None if f is None else _at_level(gate, m - l, f.shape[-2:]) for l, f in enumerate(out)]
         if cfg.drop and self.training:  # guidance dropout: a sample's branches all off together
             keep = (torch.rand(B, 1, 1, 1, device=x.device) >= cfg.drop).to(x.dtype)
