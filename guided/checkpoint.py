@@ -8,7 +8,7 @@ Schemas of the saved config (:data:`RUN_CONFIG` brings an older one to today's, 
    config (``fuse``, ``search``, ``match``, ``transfer``);
 3. the aggregation settings nested as ``aggregation`` (an :class:`AggregationConfig`, ``match`` named
    ``match_features``), ``auto_search`` beside them;
-4. the mutual test on by default (``aggregation.mutual``, ``mutual_trust``; ``[]`` for off): runs of
+4. the mutual test on by default (``aggregation.mutual``, ``mutual_fill``, ``mutual_trust``; ``[]`` for off): runs of
    earlier schemas were trained without it, or with exactly the parts they saved.
 
 Files are written and read by :mod:`tdr.runs.checkpoint` (atomic, ``weights_only``).
