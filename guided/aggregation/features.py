@@ -108,14 +108,15 @@ def subcell(fx: torch.Tensor, fg: torch.Tensor, q: torch.Tensor) -> torch.Tensor
 
 
 def cycle_gap(fx: torch.Tensor, fg: torch.Tensor, q: torch.Tensor, valid: torch.Tensor,
-              rows: int = 1024, window: int | None = None) -> torch.Tensor:
-    """(B,1,h,w) ≥ 0: how much better than X's own patch at each position p some other X patch matches
-    the G patch that p matched (``q``) — the 3×3-patch cosine of its best match among X's ``valid``
-    (B or 1,1,h,w) positions minus that at p. 0: the match is mutual (G's patch points back to p), the
-    classic check that a correspondence is real (Lowe's and NCNet's nearest neighbours, made soft so that
-    repeated and flat content, where another X patch ties with p, is not refused). ``rows``: X positions
-    compared at once (memory: rows·h·w floats). ``window``: compare only the X positions within ±window
-    cells of p, so the chance that an unrelated match looks mutual does not depend on X's size."""
+              rows: int = 1024, windows: tuple[int | None, ...] = (None,)) -> tuple[torch.Tensor, ...]:
+    """(B,1,h,w) ≥ 0 per entry of ``windows``: how much better than X's own patch at each position p some
+    other X patch matches the G patch that p matched (``q``) — the 3×3-patch cosine of its best match
+    among X's ``valid`` (B or 1,1,h,w) positions minus that at p. 0: the match is mutual (G's patch points
+    back to p), the classic check that a correspondence is real (Lowe's and NCNet's nearest neighbours,
+    made soft so that repeated and flat content, where another X patch ties with p, is not refused).
+    A window ``r`` compares only the X positions within ±r cells of p, so the chance that an unrelated
+    match looks mutual does not depend on X's size; None compares all of X. All windows come from one
+    pass over the same similarities. ``rows``: X positions compared at once (memory: rows·h·w floats)."""
     B, C, h, w = fx.shape
     def unit(f):  # (B,C,h,w) → (B,9C,h·w): unit-length 3×3-patch descriptors (zeros outside)
         d = F.unfold(F.pad(f, (1, 1, 1, 1)), 3)
@@ -124,20 +125,25 @@ def cycle_gap(fx: torch.Tensor, fg: torch.Tensor, q: torch.Tensor, valid: torch.
     dx, dg = unit(fx), unit(fg)
     idx = (q[:, 0] * fg.shape[-1] + q[:, 1]).view(B, 1, h * w)
     gq = dg.gather(2, idx.expand(B, dg.shape[1], h * w))  # G's patch at each X position's match
-    ok = valid.expand(B, 1, h, w).reshape(B, h * w)
+    ok = valid.expand(B, 1, h, w).reshape(B, 1, h * w)
     own = (gq * dx).sum(1)
-    if window is not None:
-        r = window
-        gq4, ok4 = gq.view(B, -1, h, w), F.pad(ok.view(B, 1, h, w), (r, r, r, r))
-        dxp = F.pad(dx.view(B, -1, h, w), (r, r, r, r))
-        best = own.view(B, 1, h, w).clone()
-        for dy in range(2 * r + 1):
-            for dxx in range(2 * r + 1):
-                sim = (gq4 * dxp[..., dy:dy + h, dxx:dxx + w]).sum(1, keepdim=True)
-                best = torch.maximum(best, sim.masked_fill(~ok4[..., dy:dy + h, dxx:dxx + w], -2.0))
-        return (best - own.view(B, 1, h, w)).clamp_min(0.0)
-    best = []
+    best = [[] for _ in windows]
     for s in range(0, h * w, rows):
-        sim = torch.einsum("bcp,bcn->bpn", gq[:, :, s:s + rows], dx)
-        best.append(sim.masked_fill(~ok[:, None, :], -2.0).amax(2))
-    return (torch.cat(best, 1) - own).clamp_min(0.0).view(B, 1, h, w)
+        sim = torch.einsum("bcp,bcn->bpn", gq[:, :, s:s + rows], dx).masked_fill(~ok, -2.0)
+        for i, r in enumerate(windows):
+            if r is None:
+                best[i].append(sim.amax(2))
+            else:  # only the X positions within r cells of p, read from the same similarities
+                best[i].append(sim.gather(2, _window_index(s, sim.shape[1], h, w, r, fx.device)
+                                          .expand(B, -1, -1)).amax(2))
+    return tuple((torch.cat(b, 1) - own).clamp_min(0.0).view(B, 1, h, w) for b in best)
+
+
+def _window_index(start: int, n: int, h: int, w: int, r: int, device) -> torch.Tensor:
+    """(1,n,(2r+1)²): flat indices of the cells within ±r of positions start … start+n−1 of an h×w grid,
+    cells beyond the edge replaced by the nearest inside (a repeat never changes a maximum)."""
+    p = torch.arange(start, start + n, device=device)
+    d = torch.arange(-r, r + 1, device=device)
+    ys = (p[:, None] // w + d).clamp(0, h - 1)  # (n, 2r+1)
+    xs = (p[:, None] % w + d).clamp(0, w - 1)
+    return (ys[:, :, None] * w + xs[:, None, :]).view(1, n, -1)

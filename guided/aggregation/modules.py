@@ -205,8 +205,10 @@ class DynamicAggregation(nn.Module):
         tested = bool(cfg.mutual) and not search.known_place
         if tested:  # content G does not share (no mutual match) transfers nothing
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # float32, as the matching
-                mutual = 1 - _ramp(cycle_gap(mx, mg, q, valid), cfg.mutual)
-                share = self._share(mx, mg, q, valid) if cfg.mutual_fill or cfg.mutual_trust else None
+                scene_wide = bool(cfg.mutual_fill or cfg.mutual_trust)  # the sample's share is needed
+                gaps = cycle_gap(mx, mg, q, valid, windows=(None, cfg.mutual_window) if scene_wide else (None,))
+                mutual = 1 - _ramp(gaps[0], cfg.mutual)
+                share = self._share(gaps[1], valid) if scene_wide else None
                 if cfg.mutual_trust:  # guidance that shows the sample's scene: every match transfers
                     mutual = mutual + (1 - mutual) * _ramp(share, cfg.mutual_trust)
                 mutual = mutual.to(score.dtype)
@@ -237,13 +239,12 @@ class DynamicAggregation(nn.Module):
             gates = [None if f is None else keep if gates is None else gates[l] * keep for l, f in enumerate(out)]
         return Aligned(out, gates)
 
-    @torch.no_grad()
-    def _share(self, mx, mg, q, valid) -> torch.Tensor:
-        """(B,1,1,1): each sample's share of valid positions whose match is mutual within ±mutual_window
-        cells (:func:`~.features.cycle_gap` ≤ mutual's lo) — how far G shows the sample's scene."""
-        near = cycle_gap(mx, mg, q, valid, window=self.config.mutual_window) <= self.config.mutual[0]
-        ok = valid.expand_as(near)
-        return (near & ok).sum((2, 3), keepdim=True) / ok.sum((2, 3), keepdim=True).clamp_min(1)
+    def _share(self, gap, valid) -> torch.Tensor:
+        """(B,1,1,1): each sample's share of valid positions whose match is mutual (``gap``, the
+        :func:`~.features.cycle_gap` within ±mutual_window cells, ≤ mutual's lo) — how far G shows the
+        sample's scene."""
+        ok = valid.expand_as(gap)
+        return ((gap <= self.config.mutual[0]) & ok).sum((2, 3), keepdim=True) / ok.sum((2, 3), keepdim=True).clamp_min(1)
 
     @torch.no_grad()
     def _agreement(self, x, g, mx, mg, q, valid) -> torch.Tensor:

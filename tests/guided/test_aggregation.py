@@ -721,16 +721,21 @@ def test_cycle_gap_is_zero_where_matches_are_mutual_and_skips_invalid_positions(
     fx = torch.randn(2, 6, 12, 16)
     p = grid(12, 16, "cpu").expand(2, -1, -1, -1)
     ok = torch.ones(1, 1, 12, 16, dtype=torch.bool)
-    assert cycle_gap(fx, fx, p, ok, rows=7).abs().max() < 1e-5
+    whole, near = cycle_gap(fx, fx, p, ok, rows=7, windows=(None, 3))
+    assert whole.abs().max() < 1e-5 and near.abs().max() < 1e-5
     off = p.clone()
     off[:, 1] = (off[:, 1] + 1).clamp(max=15)
-    gap = cycle_gap(fx, fx, off, ok, rows=7)
+    gap, one = cycle_gap(fx, fx, off, ok, rows=7, windows=(None, 1))
     assert gap[..., :-1].min() > 0.05  # each G patch matches X one cell right better than at p
-    assert torch.allclose(cycle_gap(fx, fx, off, ok, window=1), gap, atol=1e-5)  # its place lies within 1 cell
-    assert cycle_gap(fx, fx, p, ok, window=3).abs().max() < 1e-5
+    assert torch.allclose(one, gap, atol=1e-5)  # its place lies within 1 cell
+    far = p.clone()
+    far[:, 1] = (far[:, 1] + 3).clamp(max=15)
+    gap, (near,) = cycle_gap(fx, fx, far, ok, rows=5)[0], cycle_gap(fx, fx, far, ok, windows=(2,))
+    assert gap[..., :-3].min() > 0.05  # G's patch comes from 3 cells right ...
+    assert (near[..., :-3] < gap[..., :-3] - 0.05).all()  # ... which a ±2-cell search back cannot see
     only_here = torch.zeros(1, 1, 12, 16, dtype=torch.bool)
     only_here[..., 5, 7] = True
-    assert cycle_gap(fx, fx, off, only_here)[..., 5, 7].abs().max() < 1e-6  # p the one valid position
+    assert cycle_gap(fx, fx, off, only_here)[0][..., 5, 7].abs().max() < 1e-6  # p the one valid position
 
 
 def test_mutual_matches_keep_shared_content_and_drop_unrelated():
