@@ -59,7 +59,7 @@ class AggregationConfig:
     #   mean features over its frame (its global colour and tone) stand in, weighted by the sample's share of
     #   mutual matches (searched back within ±mutual_window cells) ramped lo → hi: guidance that shows the
     #   sample's scene lends its colour, guidance that does not lends nothing. On the demo ladder with
-    #   mutual: unrelated guidance's cost −0.41 → −0.07 dB, content views +0.94 → +0.74 (seeds 0–5,
+    #   mutual: unrelated guidance's cost −0.39 → −0.05 dB, content views +0.99 → +0.78 (eight seeds,
     #   BENCHMARKS.md)
     mutual_trust: tuple[float, ...] = ()  # with mutual, (lo, hi): a sample whose share of mutual matches
     #   reaches hi transfers every match, as without the test; below lo only its mutual ones. Off: on the
