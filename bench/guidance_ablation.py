@@ -7,13 +7,17 @@ guidance in that regime, in one run:
    guidance group: *content views* (the clean content moved 15–35 % of the frame, rescaled 0.7–1.4×,
    mirrored half the time, colour-jittered; imported as of unknown geometry, like generated guidance),
    *unrelated* (another image's content view) and *aligned-content* (the clean image shifted ≤ 12 px;
-   imported ``--aligned``: the upper bound, never evidence for generated guidance);
+   imported ``--aligned``: the upper bound, never evidence for generated guidance) and *placed views*
+   (the content views put back in the input's geometry by their truth, the degraded input where a view
+   does not show the frame; imported ``--aligned``: what content views carry if every match were right,
+   the ceiling of matching on them);
 2. train the unguided baseline (``nafnet-small``) for ``--base-iters``;
-3. continue from it (``--init``) for ``--iters`` more, five ways with the trainer's defaults
-   (``--search auto``: prior search for the aligned group, global otherwise): none, degraded image as
-   guidance, aligned-content, content views, unrelated — once per seed in ``--seeds`` (the seed draws the
-   crops and the aggregation's initial weights; the upper bound, aligned-content, on the first
-   ``--bound-seeds`` of them: its goal, +2.0 dB, lies far beyond a seed's noise). On 48 training images
+3. continue from it (``--init``) for ``--iters`` more, six ways with the trainer's defaults
+   (``--search auto``: prior search for the aligned groups, global otherwise): none, degraded image as
+   guidance, aligned-content, placed views, content views, unrelated — once per seed in ``--seeds`` (the
+   seed draws the crops and the aggregation's initial weights; the two upper bounds, aligned-content and
+   placed views, on the first ``--bound-seeds`` of them: aligned-content's goal, +2.0 dB, lies far beyond
+   a seed's noise). On 48 training images
    the seed alone moves a continuation's test PSNR by a few tenths of a dB, so each guided run is
    compared with ``none`` of the same seed and the ladder reports the mean of those differences and
    their range;
@@ -53,8 +57,9 @@ from tdr.guided.train import train
 from tdr.runs.checkpoint import load as load_checkpoint
 
 SECTION = "## Guidance ablation (demo, CPU)"
-STAND_INS = {"aligned": "aligned-content", "views": "content views", "unrelated": "unrelated"}
-BOUNDS = ("aligned",)  # the upper bound: checked on fewer seeds than the differences the goals hinge on
+STAND_INS = {"aligned": "aligned-content", "placed": "placed views", "views": "content views",
+             "unrelated": "unrelated"}
+BOUNDS = ("aligned", "placed")  # upper bounds: checked on fewer seeds than the differences the goals hinge on
 #                        (degraded guidance's goal, within ±0.2 dB of none, is one of those)
 
 
@@ -73,7 +78,7 @@ def match_accuracy(model, url: str, group: str, truth: dict, limit: int, toleran
     for i in range(min(limit, len(sp))):
         with torch.no_grad():
             restore(model, to_tensor(sp.read_lq(i)), to_tensor(gs.read("test", i)), layout=gs.layout)
-        h, n = match_hits(model.agg.last_matches, truth[sp.ids[i]]["A"], tolerances)
+        h, n = match_hits(model.agg.last_matches, truth["test"][sp.ids[i]]["A"], tolerances)
         hits, scored = hits + h, scored + n
     return {f"within_{t}px": float(hv / max(scored, 1)) for t, hv in zip(tolerances, hits)} | {"scored": scored}
 
@@ -92,7 +97,7 @@ def crop_match_accuracy(model, url: str, group: str, truth: dict, patch: int, co
         ctx = Context(item["context"][None], item["context_yx"][None]) if "context" in item else None
         with torch.no_grad():
             model(item["lq"][None], item["guidance"][None], box=box, context=ctx)
-        h, n = match_hits(model.agg.last_matches, truth[ds._split.ids[ds.image_for(k)]]["A"], tolerances, crop_yx=yx)
+        h, n = match_hits(model.agg.last_matches, truth["test"][ds._split.ids[ds.image_for(k)]]["A"], tolerances, crop_yx=yx)
         hits, scored = hits + h, scored + n
     return {f"within_{t}px": float(hv / max(scored, 1)) for t, hv in zip(tolerances, hits)} | {"scored": scored}
 
@@ -138,11 +143,11 @@ def main() -> None:
     ap.add_argument("--alpha-lr", type=float, default=1e-2, help="lr of the fusion gates α")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="continuation seeds (the first also trains the baseline)")
     ap.add_argument("--bound-seeds", type=int, default=3,
-                    help="aligned-content (the upper bound) runs on this many of the first seeds")
+                    help="the upper bounds (aligned-content, placed views) run on this many of the first seeds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-images", type=int, default=12, help="test images scored (demo has 12)")
     ap.add_argument("--crops", type=int, default=48, help="test crops scored for training-crop matching")
-    ap.add_argument("--runs", default="none,degraded,aligned,views,unrelated", help="continuations to run")
+    ap.add_argument("--runs", default="none,degraded,aligned,placed,views,unrelated", help="continuations to run")
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     args = ap.parse_args()
     args.seed_list = [int(v) for v in args.seeds.split(",")]
@@ -227,6 +232,7 @@ def render(args, results, matches, alphas, speed, total) -> str:
     label = {"baseline": "baseline", "none": "none", "degraded": "degraded image as guidance"}
     label |= {k: v for k, v in STAND_INS.items()}
     label["aligned"] = "aligned-content (upper bound)"
+    label["placed"] = "placed views (ceiling of matching on content views)"
     nones = {r.get("seed"): r["psnr"] for r in results.get("none", [])}
 
     def vs_none(name, runs):
@@ -243,6 +249,18 @@ def render(args, results, matches, alphas, speed, total) -> str:
     rows = "\n".join(f"| {label[name]} | {runs[0]['search']} | {runs[0]['iters']} | {psnrs(runs)} | {vs_none(name, runs)} | "
                      f"{np.mean([r['ssim'] for r in runs]):.4f} |" for name, runs in results.items())
     seeds = " / ".join(str(v) for v in args.seed_list)
+
+    def ceiling() -> str:
+        """Content views' gain as a share of the placed views' (the ceiling), on the seeds both ran."""
+        placed = {r["seed"]: r["psnr"] for r in results.get("placed", [])}
+        views = {r["seed"]: r["psnr"] for r in results.get("views", [])}
+        both = [v for v in placed if v in views and v in nones]
+        if not both:
+            return ""
+        gain = np.mean([views[v] - nones[v] for v in both])
+        top = np.mean([placed[v] - nones[v] for v in both])
+        return (f"On the seeds the ceiling ran ({', '.join(map(str, both))}), content views gain {gain:+.2f} dB, "
+                f"placed views {top:+.2f}: with today's matching, content views get {gain / top:.0%} of what they carry.\n\n")
 
     def acc(kind, when):
         m = matches.get(kind, {}).get(when)
@@ -261,9 +279,12 @@ def render(args, results, matches, alphas, speed, total) -> str:
 guidance): *content views* (the clean content moved 15–35 % of the frame, rescaled 0.7–1.4×, mirrored half
 the time, colour-jittered; imported without `--aligned`, like generated guidance), *unrelated* (another
 image's content view), *aligned-content* (the clean image shifted ≤ 12 px, ±4 %; imported `--aligned`: an
-upper bound, not evidence for generated guidance). Every continuation starts from the baseline (`--init`)
+upper bound, not evidence for generated guidance), *placed views* (the content views put back in the
+input's geometry by their truth, the degraded input where a view does not show the frame; imported
+`--aligned`, whole frame: what content views carry if every match were right, the ceiling of matching on
+them). Every continuation starts from the baseline (`--init`)
 with the same budget and the trainer's defaults (`--search auto`), once per seed (seeds {seeds}: crops and
-the aggregation's initial weights; the upper bound, aligned-content, on the first {args.bound_seeds});
+the aggregation's initial weights; the upper bounds, aligned-content and placed views, on the first {args.bound_seeds});
 "vs none" is the mean over seeds of the difference from `none` of the same seed, with its range. Test PSNR on the first {args.eval_images} full test images; the degraded inputs
 score {results['baseline'][0]['input']:.2f} dB.
 
@@ -271,7 +292,7 @@ score {results['baseline'][0]['input']:.2f} dB.
 |---|---|---|---|---|---|
 {rows}
 
-Matching (share of input positions whose true source lies inside G that are matched within 4 / 8 px,
+{ceiling()}Matching (share of input positions whose true source lies inside G that are matched within 4 / 8 px,
 input pixels at the content's scale, first {args.eval_images} full test images): content views
 {acc('views', 'init')} at initialisation, {acc('views', 'end')} after training (seed {args.seed}); aligned-content (prior search)
 {acc('aligned', 'init')} / {acc('aligned', 'end')}. Image features are fixed, so only the scores that weight

@@ -10,7 +10,10 @@ true correspondence kept so that matching can be scored:
 - ``unrelated``: another image's content view — guidance that carries nothing; it must never hurt;
 - ``aligned_content``: the clean image shifted a few pixels and rescaled ±4 % in the input's own
   geometry (registered reference photos behave like this). An *upper bound*: never evidence that
-  generated guidance helps.
+  generated guidance helps;
+- ``placed_view``: a content view put back in the input's geometry by its truth, the degraded input where
+  the view does not show the frame — what content views carry when every match is right: the ceiling of
+  matching on content views, an upper bound as well.
 
 Every stand-in comes with its truth as an affine map ``T(y, x) = A·(y, x) + b`` from input pixel centres
 (the full degraded frame) to guidance pixel centres, stored as ``{"A": [[a_yy, a_yx, b_y], [a_xy, a_xx,
@@ -28,12 +31,14 @@ from PIL import Image
 from scipy import ndimage
 
 from ..cache import open_store
+from ..cache.images import to_uint8
 from ..cache.layout import layout_box
 from ..cache.transfer import import_guidance
 from ..errors import ConfigError
 
 GUIDANCE_SIZE = 512
-STAND_INS = ("views", "unrelated", "aligned")
+STAND_INS = ("views", "unrelated", "aligned", "placed")
+ALIGNED = ("aligned", "placed")  # stand-ins imported --aligned (the prior search reads them where they lie)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,21 @@ def aligned_content(gt: np.ndarray, rng: np.random.Generator, shift: float = 12.
     return _render(gt, A, size, rng, (0.9, 1.1), 8.0), A
 
 
+def placed_view(view: np.ndarray, A: np.ndarray, lq: np.ndarray) -> np.ndarray:
+    """The content view ``view`` (its truth ``A``) put back in the geometry of the degraded frame ``lq``
+    (H,W,3): input pixel p shows view(T(p)) (bilinear) where T(p) lies inside the view, ``lq`` elsewhere,
+    where the view has nothing to show. What content views carry if every match were right; (H,W,3) uint8."""
+    h, w = lq.shape[:2]
+    yx = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).astype(np.float64)
+    src = true_source(A, yx)
+    lim = np.asarray(view.shape[:2], dtype=np.float64) - 0.5
+    inside = (src >= -0.5).all(-1) & (src <= lim).all(-1)
+    got = np.stack([ndimage.map_coordinates(view[..., k].astype(np.float32), [src[..., 0], src[..., 1]], order=1,
+                                            mode="nearest") for k in range(3)], -1)
+    out = np.where(inside[..., None], np.clip(got, 0, 255).round(), to_uint8(lq)[..., :3])
+    return out.astype(np.uint8)
+
+
 def true_source(A: np.ndarray | list, yx: np.ndarray) -> np.ndarray:
     """Guidance pixel coords (…,2) of input pixel coords ``yx`` (…,2) under truth ``A`` (2,3)."""
     A = np.asarray(A, dtype=np.float64)
@@ -109,34 +129,40 @@ def true_source(A: np.ndarray | list, yx: np.ndarray) -> np.ndarray:
 
 def make_guidance(url: str, folder: Path, kind: str = "views", *, seed: int = 0, shift: float = 12.0,
                   ranges: ViewRanges = ViewRanges(), label: str | None = None, force: bool = False) -> dict:
-    """Write stand-in guidance ``kind`` ("views", "unrelated" or "aligned") for every image of every split
-    into the store at ``url`` through PNG files in ``folder`` (as a user's imported guidance would come).
-    Aligned-content is imported as ``aligned`` (its geometry follows the input); the others as unknown,
-    like guidance of unknown geometry. Returns each image's truth {"A": …} (None: unrelated) by id."""
+    """Write stand-in guidance ``kind`` ("views", "unrelated", "aligned" or "placed") for every image of every
+    split into the store at ``url`` through PNG files in ``folder`` (as a user's imported guidance would
+    come). Aligned-content and placed views are imported as ``aligned`` (their geometry follows the input;
+    placed views show the whole frame: layout "full"); the others as unknown, like guidance of unknown
+    geometry. Placed views are the content views of the same ``seed`` and ``ranges``, put back by their
+    truth (:func:`placed_view`). Returns each image's truth {"A": …} (None: unrelated; for placed views the
+    content view's) by split and id (``truth[split][image_id]``: splits may share ids)."""
     if kind not in STAND_INS:
         raise ConfigError(f"kind must be one of {', '.join(STAND_INS)}, not {kind!r}.")
     store = open_store(url, "a")
-    truth: dict[str, dict | None] = {}
+    truth: dict[str, dict[str, dict | None]] = {}
     for split in store.splits:
         sp = store[split]
-        rng = np.random.default_rng([seed, STAND_INS.index(kind), store.splits.index(split)])
+        drawn = "views" if kind == "placed" else kind  # placed views: the same draws as the content views
+        rng = np.random.default_rng([seed, STAND_INS.index(drawn), store.splits.index(split)])
         out = folder / split
         out.mkdir(parents=True, exist_ok=True)
         n = len(sp)
         for i, image_id in enumerate(sp.ids):
             if kind == "aligned":
                 guide, A = aligned_content(sp.read_gt(i), rng, shift)
-            elif kind == "views":
+            elif kind in ("views", "placed"):
                 guide, A = content_view(sp.read_gt(i), rng, ranges)
+                if kind == "placed":
+                    guide = placed_view(guide, A, sp.read_lq(i))
             else:  # another image's content view: half the split away
                 guide, A = content_view(sp.read_gt((i + n // 2) % n), rng, ranges)
                 A = None
             path = out / f"{image_id}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(guide).save(path)
-            truth[image_id] = None if A is None else {"A": A.tolist()}
-        import_guidance(store, split, out, aligned=kind == "aligned", layout="center",
-                        label=label or f"stand-in:{kind}", force=force)
+            truth.setdefault(split, {})[image_id] = None if A is None else {"A": A.tolist()}
+        import_guidance(store, split, out, aligned=kind in ALIGNED, layout="full" if kind == "placed" else
+                        "center", label=label or f"stand-in:{kind}", force=force)
     return truth
 
 
