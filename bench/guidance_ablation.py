@@ -97,7 +97,8 @@ def crop_match_accuracy(model, url: str, group: str, truth: dict, patch: int, co
         ctx = Context(item["context"][None], item["context_yx"][None]) if "context" in item else None
         with torch.no_grad():
             model(item["lq"][None], item["guidance"][None], box=box, context=ctx)
-        h, n = match_hits(model.agg.last_matches, truth["test"][ds._split.ids[ds.image_for(k)]]["A"], tolerances, crop_yx=yx)
+        A = truth["test"][ds._split.ids[ds.image_for(k)]]["A"]
+        h, n = match_hits(model.agg.last_matches, A, tolerances, crop_yx=yx)
         hits, scored = hits + h, scored + n
     return {f"within_{t}px": float(hv / max(scored, 1)) for t, hv in zip(tolerances, hits)} | {"scored": scored}
 
