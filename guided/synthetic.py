@@ -113,12 +113,18 @@ def placed_view(view: np.ndarray, A: np.ndarray, lq: np.ndarray) -> np.ndarray:
     h, w = lq.shape[:2]
     yx = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).astype(np.float64)
     src = true_source(A, yx)
-    lim = np.asarray(view.shape[:2], dtype=np.float64) - 0.5
-    inside = (src >= -0.5).all(-1) & (src <= lim).all(-1)
+    inside = inside_guidance(src, view.shape[:2])
     got = np.stack([ndimage.map_coordinates(view[..., k].astype(np.float32), [src[..., 0], src[..., 1]], order=1,
                                             mode="nearest") for k in range(3)], -1)
     out = np.where(inside[..., None], np.clip(got, 0, 255).round(), to_uint8(lq)[..., :3])
     return out.astype(np.uint8)
+
+
+def inside_guidance(yx: np.ndarray, size) -> np.ndarray:
+    """Whether guidance pixel coords ``yx`` (…,2) lie inside a guidance image of ``size`` (h, w) (pixel
+    centres at integers, so its area runs from −½ to size − ½)."""
+    lim = np.asarray(size, dtype=np.float64) - 0.5
+    return (yx >= -0.5).all(-1) & (yx <= lim).all(-1)
 
 
 def true_source(A: np.ndarray | list, yx: np.ndarray) -> np.ndarray:
@@ -176,8 +182,8 @@ def match_hits(matches, A, tolerances=(4, 8), crop_yx: tuple[float, float] = (0,
     true = true_source(A, yx)  # (h,w,2)
     size = matches.g_size if hasattr(matches, "g_size") else None
     got = matches.g_yx[0].permute(1, 2, 0).double().numpy()
-    lim = np.asarray(size if size is not None else (GUIDANCE_SIZE, GUIDANCE_SIZE), dtype=np.float64) - 0.5
-    inside = (true >= -0.5).all(-1) & (true <= lim).all(-1) & matches.valid[0, 0].numpy()
+    inside = inside_guidance(true, size if size is not None else (GUIDANCE_SIZE, GUIDANCE_SIZE))
+    inside &= matches.valid[0, 0].numpy()
     scale = np.abs(np.diag(A[:, :2]))  # guidance pixels per input pixel of the content
     err = (np.abs(got - true) / scale).max(-1)
     return np.array([int((inside & (err <= t)).sum()) for t in tolerances]), int(inside.sum())
